@@ -1,0 +1,72 @@
+"""EDM diffusion training and sampling (Karras, Aittala, Aila, Laine 2022).
+
+The teacher every distillation method in cm_jax starts from. Loss: EDM eq. 2
+with the Table 1 preconditioning, log-normal sigma and lambda(sigma) weight
+(cm_jax.diffusion.edm_loss). Sampling: Algorithm 1 (Heun, deterministic) by
+default, Algorithm 2 (stochastic) or Euler on request, on the Karras grid of
+eq. 5 (cm_jax.diffusion.grids).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from cm_jax.diffusion import grids, preconditioning, samplers
+from cm_jax.diffusion.edm_loss import edm_loss
+from cm_jax.methods.base import LossContext, network_fn
+
+
+class EDM:
+  """EDM denoiser training: D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+
+  name = "edm"
+
+  def __init__(self, net, config):
+    self.net = net
+    self.precond = config.precond
+    self.cfg = config.method
+    self.sample_cfg = config.sample
+    self.conditional = config.data.num_classes > 0
+
+  def denoiser(self, params, *, train=False, dropout_rng=None):
+    return preconditioning.make_denoiser(
+        network_fn(self.net, params, train=train, dropout_rng=dropout_rng),
+        parameterization="edm",
+        sigma_data=self.precond.sigma_data,
+        sigma_min=self.precond.sigma_min,
+        c_noise=self.precond.c_noise)
+
+  def loss(self, params, batch, rng, ctx: LossContext):
+    noise_rng, dropout_rng = jax.random.split(rng)
+    denoise = self.denoiser(params, train=True, dropout_rng=dropout_rng)
+    labels = batch["label"] if self.conditional else None
+    per_example = edm_loss(
+        denoise, batch["image"], noise_rng, labels=labels,
+        p_mean=self.cfg.p_mean, p_std=self.cfg.p_std,
+        sigma_data=self.precond.sigma_data)
+    loss = jnp.mean(per_example)
+    return loss, {"loss": loss}
+
+  def uses_target(self) -> bool:
+    return False
+
+  def target_decay(self, step):
+    return jnp.zeros((), jnp.float32)
+
+  def sample(self, params, noise, keys, labels: Optional[jax.Array], num_steps: int,
+             sampler: Optional[str] = None, **options):
+    """EDM sampling from unit `noise` scaled to sigma_max on an `num_steps`-point grid."""
+    sampler = sampler or self.sample_cfg.sampler
+    if sampler not in samplers.SAMPLERS:
+      raise ValueError(f"unknown EDM sampler {sampler!r}; choose from {sorted(samplers.SAMPLERS)}")
+    grid = grids.append_zero(grids.karras_sigmas(
+        num_steps, self.precond.sigma_min, self.precond.sigma_max, self.precond.rho))
+    x_T = noise * grid[0]
+    if sampler == "edm_stochastic":
+      for key in ("s_churn", "s_min", "s_max", "s_noise"):
+        options.setdefault(key, self.sample_cfg.get(key))
+    x0 = samplers.SAMPLERS[sampler](self.denoiser(params), x_T, grid, keys,
+                                    labels=labels if self.conditional else None, **options)
+    return jnp.clip(x0, -1.0, 1.0)

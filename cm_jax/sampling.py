@@ -1,0 +1,76 @@
+"""Batched generation with per-image seeds.
+
+Image i of a run with seed s is drawn from its own key fold_in(key(s), i): its
+noise, its class label and any sampler noise come from that key alone, so the
+image is the same whatever the batch size, the device count or which other
+images are generated with it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cm_jax.train import parallel
+from cm_jax.utils.images import to_uint8
+
+_NOISE, _LABEL, _SAMPLER = 0, 1, 2
+
+
+def image_keys(seed: int, indices: jax.Array) -> jax.Array:
+  base = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+
+
+def draw_inputs(keys, image_shape, num_classes: int, class_label: Optional[int]):
+  """(unit noise, labels or None, sampler keys), each row from its image's key alone."""
+  sub = lambda k, j: jax.vmap(lambda key: jax.random.fold_in(key, j))(k)
+  noise = jax.vmap(lambda k: jax.random.normal(k, image_shape))(sub(keys, _NOISE))
+  labels = None
+  if num_classes > 0:
+    if class_label is None:
+      labels = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes))(sub(keys, _LABEL))
+    else:
+      labels = jnp.full((keys.shape[0],), class_label, jnp.int32)
+  return noise, labels, sub(keys, _SAMPLER)
+
+
+def make_sample_fn(method, image_shape, num_classes: int, num_steps: int,
+                   class_label: Optional[int] = None, mesh=None, **sampler_options):
+  """jit-compiled (params, image indices, seed) -> images in [-1, 1], labels."""
+
+  def sample(params, indices, seed):
+    keys = image_keys(seed, indices)
+    noise, labels, sampler_keys = draw_inputs(keys, image_shape, num_classes, class_label)
+    images = method.sample(params, noise, sampler_keys, labels, num_steps, **sampler_options)
+    return images, (labels if labels is not None else jnp.zeros_like(indices))
+
+  if mesh is None:
+    return jax.jit(sample)
+  rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(sample, in_shardings=(rep, split, None), out_shardings=(split, split))
+
+
+def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps: int,
+             image_shape, num_classes: int, class_label: Optional[int] = None,
+             mesh=None, progress: bool = False, **sampler_options):
+  """`num` images as uint8 NHWC and their labels (None when unconditional)."""
+  if mesh is not None:
+    devices = mesh.shape[parallel.DATA_AXIS]
+    batch_size = max(devices, batch_size - batch_size % devices)
+  fn = make_sample_fn(method, tuple(image_shape), num_classes, num_steps, class_label, mesh,
+                      **sampler_options)
+  images, labels = [], []
+  for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress,
+                    unit="batch"):
+    # The last batch is filled up with the images that follow; they are dropped.
+    indices = jnp.arange(start, start + batch_size, dtype=jnp.int32)
+    x, y = fn(params, indices, seed)
+    images.append(to_uint8(jax.device_get(x)))
+    labels.append(np.asarray(jax.device_get(y)))
+  images = np.concatenate(images)[:num]
+  labels = np.concatenate(labels)[:num].astype(np.int32)
+  return images, (labels if num_classes > 0 else None)

@@ -1,0 +1,89 @@
+"""From a config to the pieces of a run: data shape, network, method, optimizer, state.
+
+train.py, sample.py and evaluate.py all build through here, so a checkpoint
+written by one is read by the others with the same tree structure.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from cm_jax import data as data_lib
+from cm_jax.methods import build_method
+from cm_jax.nets import build_network
+from cm_jax.train import ema as ema_lib
+from cm_jax.train.optim import build_optimizer
+from cm_jax.train.state import TrainState, create_train_state
+
+
+@dataclasses.dataclass
+class RunParts:
+  image_shape: tuple[int, int, int]
+  net: nn.Module
+  method: object
+  optimizer: optax.GradientTransformation
+
+
+def build_parts(config) -> RunParts:
+  """Shapes come from the config alone (no data is read), so a dry run, sample.py and
+  evaluate.py work without the data set; training checks the data against them."""
+  size, channels = config.data.image_size, config.data.channels
+  net = build_network(config.model, image_size=size, channels=channels,
+                      num_classes=config.data.num_classes)
+  return RunParts(image_shape=(size, size, channels), net=net,
+                  method=build_method(net, config), optimizer=build_optimizer(config.optim))
+
+
+def check_data_matches(config, info: "data_lib.DatasetInfo") -> None:
+  """The network is shaped by config.data; refuse data that does not fit it."""
+  if info.channels != config.data.channels:
+    raise ValueError(f"the data set has {info.channels} channel(s) but config.data.channels="
+                     f"{config.data.channels}; set --config.data.channels={info.channels}")
+
+
+def example_inputs(parts: RunParts, config, batch: int = 1):
+  """Dummy (x, noise_cond, labels, cond) that fix every parameter's shape."""
+  x = jnp.zeros((batch,) + parts.image_shape, jnp.float32)
+  noise_cond = jnp.zeros((batch,), jnp.float32)
+  labels = jnp.zeros((batch,), jnp.int32) if config.data.num_classes > 0 else None
+  cond_dim = config.model.get("cond_dim", 0)
+  cond = jnp.zeros((batch, cond_dim), jnp.float32) if cond_dim else None
+  return x, noise_cond, labels, cond
+
+
+def init_params(parts: RunParts, config, rng: jax.Array):
+  return parts.net.init({"params": rng}, *example_inputs(parts, config), train=False)["params"]
+
+
+def new_train_state(parts: RunParts, config, rng: jax.Array, teacher_params=None) -> TrainState:
+  """A fresh state. A method with `initial_params(params, teacher_params)` (consistency
+  distillation starts the student from the teacher) chooses the starting weights."""
+  params = init_params(parts, config, rng)
+  start_from = getattr(parts.method, "initial_params", None)
+  if start_from is not None:
+    params = start_from(params, teacher_params)
+  return create_train_state(params, parts.optimizer, ema_lib.ema_names(config.ema),
+                            parts.method.uses_target())
+
+
+def abstract_train_state(parts: RunParts, config) -> TrainState:
+  """Shapes and dtypes of the train state, without allocating it (jax.eval_shape)."""
+  return jax.eval_shape(lambda rng: new_train_state(parts, config, rng), jax.random.key(0))
+
+
+def params_for_sampling(state: TrainState, which: str, ema_cfg):
+  """'online' -> the trained params; 'ema' -> the half-life EMA if the run keeps one,
+  else its first fixed-rate EMA; anything else names an EMA copy."""
+  names = ema_lib.ema_names(ema_cfg)
+  if which == "online" or (which == "ema" and not names):
+    return state.params
+  if which == "ema":
+    which = ema_lib.HALFLIFE if ema_lib.HALFLIFE in names else names[0]
+  if which not in state.ema:
+    raise ValueError(f"no EMA named {which!r} in this run; it has {sorted(state.ema)} "
+                     f"(or use 'online' / 'ema')")
+  return state.ema[which]

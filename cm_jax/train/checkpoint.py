@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a run: train state, data iterator position and config.
+
+One `CheckpointManager` per workdir (`<workdir>/checkpoints`), saving
+asynchronously so training continues while arrays are written; train.py,
+sample.py and evaluate.py all read the same directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+class RunCheckpoints:
+  """Save / restore (state, data position, config) by step in a workdir."""
+
+  def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+        create=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "data", "config"))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict,
+           wait: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(json.loads(config.to_json()))))
+    if wait:
+      self.manager.wait_until_finished()
+
+  def restore(self, abstract_state, step: Optional[int] = None) -> tuple[Any, dict, int]:
+    """(state, data position, step) of `step` (default: the latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored.state, restored.data, step
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_config(workdir: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The config a run was trained with, read back from its latest checkpoint."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory: train a model there "
+                            f"first (python train.py --config ... --workdir {workdir})")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint saved yet in {directory}")
+  raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  manager.close()
+  return config_from_json(raw)
+
+
+def config_from_json(raw: dict) -> ml_collections.ConfigDict:
+  """JSON turned tuples into lists; networks want hashable tuples back."""
+
+  def fix(value):
+    if isinstance(value, dict):
+      return ml_collections.ConfigDict({k: fix(v) for k, v in value.items()})
+    if isinstance(value, list):
+      return tuple(fix(v) for v in value)
+    return value
+
+  return fix(raw)
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings where known) to restore into."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

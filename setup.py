@@ -1,0 +1,31 @@
+"""Installs cm_jax: few-step generative models (consistency models and friends) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="cm_jax",
+    version="0.1.0",
+    description="Consistency models and few-step distillation on an EDM teacher, in JAX/Flax Linen.",
+    packages=find_packages(include=["cm_jax", "cm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6,<0.11",
+        "flax>=0.10.4,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorflow-datasets>=4.9.7,<5",
+        # Grain + array_record read TFDS data without TensorFlow at training time.
+        "grain>=0.2.10,<0.3",
+        "array_record>=0.7,<0.9",
+        "ml-collections>=1.0,<2",
+        "numpy>=1.26,<3",
+        # The embedded default data set (8x8 digits) ships with scikit-learn.
+        "scikit-learn>=1.4,<2",
+        # PNG grids and image-folder data.
+        "pillow>=10,<14",
+        # Progress bars on training, sampling and evaluation.
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "scipy>=1.11,<2"],
+    },
+)

@@ -1,0 +1,54 @@
+"""Trains any cm_jax method from a config file.
+
+  python train.py --config configs/digits_edm.py --workdir runs/digits_edm
+  python train.py --config configs/digits_edm.py:tiny --workdir runs/t --steps 10
+  python train.py --config configs/imagenet64_edm.py --dry_run
+  python train.py --config configs/cifar10_edm.py --workdir runs/c --config.optim.lr=5e-4
+
+Runs resume from the newest checkpoint in --workdir automatically.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cm_jax.train import builders, loop
+from cm_jax.train.state import count_params, tree_bytes
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<data>_<method>.py[:variant]")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, grids")
+_STEPS = flags.DEFINE_integer("steps", None, "total train steps (overrides config.training.num_steps)")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "build the model abstractly, print its size, exit")
+
+
+def dry_run(config) -> None:
+  parts = builders.build_parts(config)
+  state = builders.abstract_train_state(parts, config)
+  n = count_params(state.params)
+  gib = tree_bytes(state) / 2**30
+  print(f"network: {type(parts.net).__name__}  method: {config.method.name}  "
+        f"data: {parts.image_shape} x {config.data.num_classes} classes")
+  print(f"params: {n}")
+  print(f"train state memory: {gib:.2f} GiB (params, optimizer moments, "
+        f"{len(state.ema)} EMA, {'a' if state.target_params is not None else 'no'} target); "
+        f"activations come on top and grow with batch size")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes
+  config = _CONFIG.value
+  if config is None:
+    sys.exit("train.py: --config is required, e.g. --config configs/digits_edm.py")
+  if _DRY_RUN.value:
+    dry_run(config)
+    return
+  if not _WORKDIR.value:
+    sys.exit("train.py: --workdir is required (where checkpoints and samples go)")
+  loop.train(config, _WORKDIR.value, num_steps=_STEPS.value)
+  print(f"done: checkpoints in {_WORKDIR.value}/checkpoints; sample with "
+        f"python sample.py --workdir {_WORKDIR.value} --num 64 --out {_WORKDIR.value}/samples.npz")
+
+
+if __name__ == "__main__":
+  app.run(main)
