@@ -24,8 +24,15 @@ setup(
         "pillow>=10,<14",
         # Progress bars on training, sampling and evaluation.
         "tqdm>=4.66,<5",
+        # FID's matrix square root (scipy.linalg.sqrtm, as the reference evaluators use).
+        "scipy>=1.11,<2",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "scipy>=1.11,<2"],
+        # Import of released PyTorch checkpoints, export to safetensors / diffusers,
+        # and the one-off Inception / LPIPS weight converters.
+        "interop": ["torch>=2.1,<3", "diffusers>=0.27,<1", "safetensors>=0.4,<1"],
+        # The interop tests compare against torch and diffusers, so tests need them too.
+        "test": ["pytest>=8,<10",
+                 "torch>=2.1,<3", "diffusers>=0.27,<1", "safetensors>=0.4,<1"],
     },
 )

@@ -5,20 +5,35 @@
   python train.py --config configs/imagenet64_edm.py --dry_run
   python train.py --config configs/cifar10_edm.py --workdir runs/c --config.optim.lr=5e-4
 
-Runs resume from the newest checkpoint in --workdir automatically.
+Runs resume from the newest checkpoint in --workdir automatically. SIGTERM or
+SIGINT (preemption, Ctrl-C) finishes the current step, saves a checkpoint and
+exits 0; rerunning the same command continues exactly.
+
+Several processes (one per host) run the same command:
+  python train.py ... --distributed          # TPU pods, SLURM, Open MPI, k8s: auto-detected
+  python train.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+(or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in the environment).
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cm_jax.train import builders, loop
+from cm_jax.train import builders, distributed, loop
 from cm_jax.train.state import count_params, tree_bytes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<data>_<method>.py[:variant]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, grids")
 _STEPS = flags.DEFINE_integer("steps", None, "total train steps (overrides config.training.num_steps)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build the model abstractly, print its size, exit")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "multi-process run: jax.distributed.initialize() detects the cluster "
+    "(TPU pods, SLURM, Open MPI, Kubernetes); implied by the three flags below")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS)")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "number of processes (env JAX_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (env JAX_PROCESS_ID)")
 
 
 def dry_run(config) -> None:
@@ -45,6 +60,9 @@ def main(argv):
     return
   if not _WORKDIR.value:
     sys.exit("train.py: --workdir is required (where checkpoints and samples go)")
+  if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                            auto=_DISTRIBUTED.value):
+    print(distributed.describe(), flush=True)
   loop.train(config, _WORKDIR.value, num_steps=_STEPS.value)
   print(f"done: checkpoints in {_WORKDIR.value}/checkpoints; sample with "
         f"python sample.py --workdir {_WORKDIR.value} --num 64 --out {_WORKDIR.value}/samples.npz")

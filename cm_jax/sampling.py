@@ -59,7 +59,7 @@ def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps:
              mesh=None, progress: bool = False, **sampler_options):
   """`num` images as uint8 NHWC and their labels (None when unconditional)."""
   if mesh is not None:
-    devices = mesh.shape[parallel.DATA_AXIS]
+    devices = parallel.batch_divisor(mesh)  # rows split over (data, fsdp)
     batch_size = max(devices, batch_size - batch_size % devices)
   fn = make_sample_fn(method, tuple(image_shape), num_classes, num_steps, class_label, mesh,
                       **sampler_options)

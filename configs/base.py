@@ -47,8 +47,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict(dict(rates=(), halflife_kimg=500.0, rampup_ratio=0.05))
 
   c.training = ml_collections.ConfigDict(dict(
-      batch_size=512, num_steps=100_000, log_every=100, save_every=5_000,
-      sample_every=5_000, keep_checkpoints=3))
+      batch_size=512,         # the global batch (all devices and processes together)
+      num_steps=100_000, log_every=100, save_every=5_000,
+      sample_every=5_000, keep_checkpoints=3,
+      grad_accum_steps=1,     # k > 1: the batch is split in k microbatches inside the step
+                              # (lax.scan), gradients averaged: same update, 1/k activations
+      handle_signals=True,    # SIGTERM/SIGINT: finish the step, save, exit 0 (preemption)
+  ))
 
   c.sample = ml_collections.ConfigDict(dict(
       sampler="heun",         # heun (EDM Alg. 1) | euler | edm_stochastic (EDM Alg. 2)
@@ -58,8 +63,15 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=256,
       s_churn=0.0, s_min=0.0, s_max=float("inf"), s_noise=1.0))
 
-  # Device mesh: data = -1 uses every device for data parallelism.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))
+  # How the one train step is compiled: 'jit' (a Mesh with named shardings; data
+  # parallelism and FSDP) or 'pmap' (legacy: state replicated per device, lax.pmean).
+  c.parallel = "jit"
+  # Device mesh (parallel='jit'): data x fsdp devices. data = -1 takes every device
+  # left after fsdp. The batch is split over both axes; params, EMA copies, target,
+  # teacher and optimizer state are sharded over fsdp (each array along its largest
+  # dimension fsdp divides) and replicated over data; arrays with fewer than
+  # fsdp_min_size elements stay replicated.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**14))
   return c
 
 

@@ -1,4 +1,7 @@
 """Fixtures shared across test modules: the tiny digits EDM run, trained once."""
+import os
+import tempfile
+
 import pytest
 
 from configs import digits_edm
@@ -12,3 +15,10 @@ def tiny_edm_run(tmp_path_factory):
   config = digits_edm.get_config("tiny")
   state = loop.train(config, workdir, progress=False)
   return config, workdir, state
+
+
+# The digits classifier (cm_jax.eval.digits_classifier) caches its weights in the user's
+# cache directory; tests keep theirs in a fixed temp directory instead, so it is trained
+# once per machine (deterministic recipe) and nothing is written to ~/.cache.
+os.environ.setdefault("CM_JAX_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "cm_jax_test_cache"))

@@ -62,3 +62,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_edm_run, tmp_p
   from cm_jax.train.checkpoint import abstract_like
   restored, _, _ = ckpts.restore(abstract_like(good))
   _assert_trees_equal(restored.params, good.params)
+
+
+def test_imported_checkpoint_restarts_the_data_from_the_beginning():
+  from cm_jax.train.checkpoint import data_state_for_process
+  # `python -m cm_jax.interop import` stores weights with no data position.
+  assert data_state_for_process({"imported": True, "source": "openai"}, 0, 1) is None
+  assert data_state_for_process({"process_count": 1, "processes": [{"a": 1}]}, 0, 1) == {"a": 1}

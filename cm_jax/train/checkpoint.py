@@ -13,11 +13,19 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
+def is_remote(path) -> bool:
+  """gs://, s3://, ...: paths that go through etils.epath rather than the OS."""
+  return "://" in str(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
+  if is_remote(workdir):  # e.g. gs://bucket/runs/x on a TPU pod: Orbax writes it directly
+    return str(workdir).rstrip("/") + "/" + CHECKPOINT_SUBDIR
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
@@ -51,7 +59,8 @@ class RunCheckpoints:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(with_default_sharding(abstract_state)),
+        data=ocp.args.JsonRestore()))
     return restored.state, restored.data, step
 
   def wait(self) -> None:
@@ -65,7 +74,7 @@ class RunCheckpoints:
 def load_config(workdir: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
   """The config a run was trained with, read back from its latest checkpoint."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory: train a model there "
                             f"first (python train.py --config ... --workdir {workdir})")
   manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
@@ -89,6 +98,59 @@ def config_from_json(raw: dict) -> ml_collections.ConfigDict:
     return value
 
   return fix(raw)
+
+
+def process_data_states(states: list) -> dict:
+  """The checkpoint's data item: every process's iterator state, by process index.
+
+  Each process reads its own shard of the data, so a multi-process run has one
+  iterator state per process; the loop gathers them (a collective) and the
+  primary process writes them as one JSON item.
+  """
+  return {"process_count": len(states), "processes": list(states)}
+
+
+def data_state_for_process(data: dict, process_index: int, process_count: int) -> dict:
+  """This process's iterator state from a checkpoint's data item (see process_data_states).
+
+  A checkpoint written before per-process states holds one iterator state as is;
+  one made by `python -m cm_jax.interop import` holds none (None: start the data afresh).
+  """
+  if data.get("imported"):
+    return None
+  if "processes" not in data:
+    if process_count != 1:
+      raise ValueError("this checkpoint holds one data iterator state (a single-process run); "
+                       f"it cannot resume {process_count} processes exactly")
+    return data
+  saved = int(data["process_count"])
+  if saved != process_count:
+    raise ValueError(f"the checkpoint was written by {saved} process(es), this run has "
+                     f"{process_count}: each process's data position cannot be resumed exactly "
+                     f"(start a new workdir, or run with {saved} processes)")
+  return data["processes"][process_index]
+
+
+def with_default_sharding(abstract_tree):
+  """Leaves without a sharding restore replicated over every device.
+
+  Orbax would otherwise reuse the sharding recorded at save time, which names
+  devices of the training topology (an FSDP mesh of 8 devices, a pod) that
+  sample.py or evaluate.py on another machine do not have.
+  """
+  default = None
+
+  def fill(x):
+    nonlocal default
+    if not isinstance(x, jax.ShapeDtypeStruct) or getattr(x, "sharding", None) is not None:
+      return x
+    if default is None:
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec
+      import numpy as np
+      default = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+
+  return jax.tree.map(fill, abstract_tree)
 
 
 def abstract_like(tree):

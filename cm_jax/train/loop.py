@@ -6,17 +6,23 @@ the same position, so N steps + restart + N steps equals 2N steps in one go.
 from __future__ import annotations
 
 import os
+import signal
+import tempfile
+import threading
 import time
 from typing import Optional
 
 import jax
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from cm_jax import data as data_lib
 from cm_jax import sampling
 from cm_jax.train import builders, parallel
-from cm_jax.train.checkpoint import RunCheckpoints, abstract_like
+from cm_jax.train.checkpoint import (RunCheckpoints, data_state_for_process, is_remote,
+                                     process_data_states)
 from cm_jax.train.metrics_log import MetricsLog
 from cm_jax.train.step import make_train_step
 from cm_jax.utils.images import save_grid_png, to_uint8
@@ -35,94 +41,208 @@ def _check_finite(metrics, step: int, last_saved: Optional[int]) -> None:
         f"Lower the learning rate or enable gradient clipping (--config.optim.grad_clip).")
 
 
+class _StopSignals:
+  """SIGTERM / SIGINT -> a flag the loop reads after each step (preemption-safe stop).
+
+  The first signal asks the run to finish its current step, save a checkpoint
+  synchronously and return; a second SIGINT interrupts at once
+  (KeyboardInterrupt). Installed only from the main thread, and the previous
+  handlers are put back when the loop ends.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, enabled: bool = True):
+    self.requested = None  # the signal's name once one arrived
+    self._previous = {}
+    if enabled and threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = self.requested or signal.Signals(signum).name
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      if handler is not None:  # None: installed outside Python (e.g. JAX's notifier)
+        signal.signal(sig, handler)
+    self._previous = {}
+
+
 def train(config, workdir: str, *, num_steps: Optional[int] = None,
-          progress: bool = True, teacher_params=None):
+          progress: bool = True, teacher_params=None, data_iterator=None):
   """Trains `config` in `workdir` up to `num_steps` (default config.training.num_steps).
 
   A method that distils a teacher provides `load_teacher() -> params`; the
-  teacher's parameters then ride along every step, replicated, never trained.
+  teacher's parameters then ride along every step (sharded like the params
+  under FSDP, replicated otherwise), never trained.
+
+  SIGTERM or SIGINT (config.training.handle_signals) ends the run early and
+  cleanly: the current step finishes, a checkpoint is written synchronously
+  and the function returns (a restart continues exactly, data position
+  included). With several processes every process stops at the same step: the
+  stop request travels with the next batch, so they agree one step later.
+
+  `data_iterator` replaces this process's data pipeline (anything with
+  next / get_state / set_state / info); the tests use it to feed one process
+  the shards of several.
+
+  Returns the final state in host form (no device axis, whatever config.parallel).
   """
+  # Listening from the start: a signal during set-up or compilation stops the run
+  # after its first step (JAX's own SIGTERM notifier would otherwise swallow it).
+  signals = _StopSignals(enabled=bool(config.training.get("handle_signals", True)))
+  try:
+    return _train(config, workdir, num_steps, progress, teacher_params, data_iterator, signals)
+  finally:
+    signals.restore()
+
+
+def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, signals):
   tcfg = config.training
   total = int(num_steps if num_steps is not None else tcfg.num_steps)
-  os.makedirs(workdir, exist_ok=True)
+  accum = int(tcfg.get("grad_accum_steps", 1) or 1)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   parts = builders.build_parts(config)
-  mesh = parallel.make_mesh(config.get("mesh"))
-  parallel.check_batch_size(tcfg.batch_size, mesh)
+  par = parallel.build_parallel(config)
+  parallel.check_batch_size(tcfg.batch_size, par.batch_divisor(), accum)
+  pindex, pcount = jax.process_index(), jax.process_count()
 
-  data_it = data_lib.build_train_iterator(
-      config.data, global_batch_size=tcfg.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  data_it = data_iterator
+  if data_it is None:
+    data_it = data_lib.build_train_iterator(
+        config.data, global_batch_size=tcfg.batch_size, seed=config.seed,
+        process_index=pindex, process_count=pcount)
   builders.check_data_matches(config, data_it.info)
   ckpts = RunCheckpoints(workdir, max_to_keep=tcfg.keep_checkpoints)
   if teacher_params is None and hasattr(parts.method, "load_teacher"):
     teacher_params = parts.method.load_teacher()  # refuses to start without its teacher
+  teacher_params = par.place_teacher(teacher_params)
   rng = jax.random.key(config.seed)
   init_rng = jax.random.fold_in(rng, 0x5EED)
-  state = jax.jit(lambda r, t: builders.new_train_state(parts, config, r, t),
-                  out_shardings=parallel.replicated(mesh))(init_rng, teacher_params)
+  state = par.init_state(lambda r, t: builders.new_train_state(parts, config, r, t),
+                         init_rng, teacher_params)
   start = 0
   if ckpts.latest_step() is not None:
-    state, data_state, start = ckpts.restore(abstract_like(state))
-    data_it.set_state(data_state)
+    host_state, data_state, start = ckpts.restore(par.host_abstract(state))
+    state = par.from_host(host_state)
+    resumed_position = data_state_for_process(data_state, pindex, pcount)
+    if resumed_position is not None:  # None: imported weights, no data position yet
+      data_it.set_state(resumed_position)
     print(f"resumed from step {start} in {ckpts.directory}")
   last_saved = start if start > 0 else None
   if start >= total:
     ckpts.close()
-    return state
+    return par.to_host(state)
 
-  step_fn = parallel.compile_train_step(
-      make_train_step(parts.method, parts.optimizer, config.ema, tcfg.batch_size), mesh)
-  log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  step_fn = par.compile(
+      make_train_step(parts.method, parts.optimizer, config.ema, tcfg.batch_size,
+                      grad_accum_steps=accum, axis_name=par.axis_name),
+      state, teacher_params)
+  log = MetricsLog(workdir, enabled=pindex == 0)
   grid_fn = None
   pending, window, t_window = None, [], time.perf_counter()
   bar = tqdm(total=total, initial=start, desc="train", unit="step",
-             disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+             disable=not progress or pindex != 0, dynamic_ncols=True)
+
+  def save(done):
+    data_states = parallel.gather_process_states(data_it.get_state())
+    ckpts.save(done, par.to_host(state), process_data_states(data_states), config)
+
   try:
     for step in range(start, total):
-      batch = parallel.global_batch(next(data_it), mesh)
+      local = dict(next(data_it))
+      rows = len(next(iter(local.values())))
+      local[parallel.PREEMPT_KEY] = np.full((rows,), signals.requested is not None, np.int32)
+      batch = par.batch(local)
       state, metrics = step_fn(state, batch, rng, teacher_params)
+      stop = False
       if pending is not None:  # one step behind, so the host never stalls the device
         _check_finite(pending, step - 1, last_saved)
+        # Every process reads the same global flag here, so all stop after this step.
+        stop = pcount > 1 and float(pending["preempt"]) > 0
+      if pcount == 1:  # alone, stop right after the step that is running
+        stop = signals.requested is not None
       pending = metrics
       window.append(metrics)
       done = step + 1
       bar.update(1)
 
-      if done % tcfg.log_every == 0 or done == total:
+      if done % tcfg.log_every == 0 or done == total or (stop and window):
         _check_finite(metrics, step, last_saved)
         means = {k: float(np.mean([float(m[k]) for m in jax.device_get(window)]))
-                 for k in metrics if k != "finite"}
+                 for k in metrics if k not in ("finite", "preempt")}
         elapsed = time.perf_counter() - t_window
         means["images_per_sec"] = len(window) * tcfg.batch_size / max(elapsed, 1e-9)
         log.write(done, means)
         bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.0f}")
         window, t_window = [], time.perf_counter()
 
+      if stop:
+        _check_finite(metrics, step, last_saved)
+        if last_saved != done:
+          save(done)
+          last_saved = done
+        ckpts.wait()
+        print(f"stopped by {signals.requested or 'a signal on another process'} after step "
+              f"{done}; checkpoint saved in {ckpts.directory} (rerun the same command to "
+              f"continue)", flush=True)
+        break
+
       if tcfg.sample_every and (done % tcfg.sample_every == 0 or done == total):
-        grid_fn = grid_fn or _grid_writer(parts, config, mesh)
-        grid_fn(state, os.path.join(workdir, "samples", f"step_{done:07d}.png"))
+        grid_fn = grid_fn or _grid_writer(parts, config, par.mesh)
+        grid_fn(par.sampling_state(state), _join(workdir, "samples", f"step_{done:07d}.png"))
 
       if done % tcfg.save_every == 0 or done == total:
         _check_finite(metrics, step, last_saved)
-        ckpts.save(done, state, data_it.get_state(), config)
+        save(done)
         last_saved = done
   finally:
     bar.close()
     log.close()
     ckpts.close()
-  return state
+  return par.to_host(state)
+
+
+def _join(workdir: str, *parts: str) -> str:
+  return "/".join([str(workdir).rstrip("/"), *parts]) if is_remote(workdir) else os.path.join(
+      workdir, *parts)
 
 
 def _grid_writer(parts, config, mesh):
-  """Writes a PNG grid of a fixed set of images (same seeds every time) from the EMA."""
+  """Writes a PNG grid of a fixed set of images (same seeds every time) from the EMA.
+
+  Sampled over the run's mesh (every process takes part when the parameters
+  are sharded across processes), gathered, and written by process 0.
+  """
   scfg = config.sample
+  ways = parallel.batch_divisor(mesh)
+  n = int(scfg.grid_size)
+  padded = -(-n // ways) * ways  # the sharded batch must split evenly; extra images dropped
   sample_fn = sampling.make_sample_fn(parts.method, parts.image_shape, config.data.num_classes,
-                                      scfg.num_steps, mesh=None)
-  indices = np.arange(scfg.grid_size, dtype=np.int32)
+                                      scfg.num_steps, mesh=mesh)
+  host_indices = np.arange(padded, dtype=np.int32)
+  indices = jax.make_array_from_callback(
+      (padded,), parallel.batch_sharding(mesh), lambda index: host_indices[index])
 
   def write(state, path):
     params = builders.params_for_sampling(state, scfg.params, config.ema)
+    params = jax.device_put(params, parallel.replicated(mesh))  # FSDP shards -> whole copies
     images, _ = sample_fn(params, indices, config.seed)
-    save_grid_png(to_uint8(jax.device_get(images)), path)
+    images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
+    if jax.process_index() != 0:
+      return
+    if not is_remote(path):
+      save_grid_png(to_uint8(images), path)
+      return
+    with tempfile.TemporaryDirectory() as tmp:  # PIL writes files; epath copies to gs://
+      local = os.path.join(tmp, "grid.png")
+      save_grid_png(to_uint8(images), local)
+      target = epath.Path(path)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(epath.Path(local).read_bytes())
 
   return write

@@ -28,7 +28,7 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 1) -
   return grid
 
 
-def save_grid_png(images: np.ndarray, path: str, min_size: int = 256) -> None:
+def save_grid_png(images: np.ndarray, path: str, min_size: int = 512) -> None:
   """Writes a PNG mosaic, enlarged with nearest-neighbour so small images stay visible."""
   grid = make_grid(images)
   scale = max(1, int(math.ceil(min_size / max(grid.shape[:2]))))
