@@ -40,10 +40,6 @@ flags.DEFINE_string("mask", None, "--edit inpaint: PNG mask, white = keep (defau
 flags.DEFINE_integer("patch", None, "--edit superres: block size p (block means are kept)")
 flags.DEFINE_float("sigma", None, "--edit denoise: noise level; stroke/interpolate: start level")
 flags.DEFINE_integer("seed2", None, "--edit interpolate: seed of the second noise (default seed+1)")
-if "ts" not in flags.FLAGS:
-  flags.DEFINE_string("ts", None, "grid indices, e.g. 0,22,39, into the --grid_points Karras grid")
-if "grid_points" not in flags.FLAGS:
-  flags.DEFINE_integer("grid_points", None, "Karras grid size for --ts (default: the config's)")
 
 
 def main(argv):

@@ -63,7 +63,12 @@ def main(argv):
   if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                             auto=_DISTRIBUTED.value):
     print(distributed.describe(), flush=True)
-  loop.train(config, _WORKDIR.value, num_steps=_STEPS.value)
+  try:
+    loop.train(config, _WORKDIR.value, num_steps=_STEPS.value)
+  except (FileNotFoundError, ValueError, loop.NonFiniteLossError) as e:
+    # Set-up errors (missing teacher or data, config mismatch) and a NaN stop are the
+    # user's to fix: one line, not a traceback.
+    sys.exit(f"train.py: {e}")
   print(f"done: checkpoints in {_WORKDIR.value}/checkpoints; sample with "
         f"python sample.py --workdir {_WORKDIR.value} --num 64 --out {_WORKDIR.value}/samples.npz")
 

@@ -44,21 +44,21 @@ def test_consistency_fn_boundary_is_identity():
 def test_ct_schedule_hooks():
   config = digits_ct.get_config("tiny")
   m = tiny_method(ConsistencyTraining, config)
-  K = config.training.num_steps
+  K, mc = config.training.num_steps, config.method
   assert m.total_steps == K and m.uses_target()
   for k in (0, K // 2, K):
     assert float(m.target_decay(jnp.asarray(k))) == pytest.approx(
-        float(cm_schedules.ct_target_ema(k, K, 2, 150, 0.9, "reference")))
-    assert int(m.num_scales(jnp.asarray(k))) == int(cm_schedules.ct_num_scales(k, K, 2, 150))
+        float(cm_schedules.ct_target_ema(k, K, mc.s0, mc.s1, mc.mu0, "reference")))
+    assert int(m.num_scales(jnp.asarray(k))) == int(
+        cm_schedules.ct_num_scales(k, K, mc.s0, mc.s1))
   # K comes from config.method.total_steps when set (train.py --steps never changes it).
   config.method.total_steps = 1000
   assert tiny_method(ConsistencyTraining, config).total_steps == 1000
   config.method.update(target_ema_mode="fixed", target_ema=0.0)
   assert not tiny_method(ConsistencyTraining, config).uses_target()
-  config.method.mu_variant = "paper"
-  config.method.target_ema_mode = "adaptive"
+  config.method.update(mu_variant="paper", target_ema_mode="adaptive", mu0=0.9)
   assert float(tiny_method(ConsistencyTraining, config).target_decay(jnp.asarray(0))) == \
-      pytest.approx(0.9)
+      pytest.approx(0.9)                                  # paper: mu(0) = mu0
 
 
 def test_ct_steps_lower_the_loss():
@@ -77,7 +77,7 @@ def test_ct_steps_lower_the_loss():
 
 def test_ct_adaptive_curriculum_in_step():
   config = digits_ct.get_config("tiny")
-  config.method.total_steps = 8
+  config.method.update(total_steps=8, s0=2, s1=150, mu0=0.9)   # the CIFAR-10 curriculum
   m = tiny_method(ConsistencyTraining, config)
   _, losses, metrics = run_steps(m, config, tiny_params(m), steps=5)
   assert np.all(np.isfinite(losses))

@@ -83,8 +83,9 @@ def test_ts_helpers():
 
 def test_sample_resolves_config_ts(ct_run):
   config, m, _ = ct_run
-  assert m.resolve_ts(2) == tuple(config.sample.ts)              # (0, 75, 150) on 151 levels
-  assert m.resolve_ts(3) == cm_sampling.even_ts(3, 151)
+  assert len(config.sample.ts) == 3
+  assert m.resolve_ts(2) == tuple(config.sample.ts)              # the config's two-step ts
+  assert m.resolve_ts(3) == cm_sampling.even_ts(3, config.sample.grid_points)
   assert m.resolve_ts(None, ts=(0, 5, 11), grid_points=12) == (0, 5, 11)
   with pytest.raises(ValueError, match="num_steps"):
     m.resolve_ts(1, ts=(0, 5, 11), grid_points=12)

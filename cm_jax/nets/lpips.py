@@ -152,7 +152,8 @@ def load_params(path: str) -> dict:
 
 def random_params(rng, lin_positive: bool = True) -> dict:
   """Random LPIPS parameters of the right shapes (tests; never a metric to train with)."""
-  params = LPIPS(resize_to=None).init(rng, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 3)))
+  x = jnp.zeros((1, 16, 16, 3))
+  params = jax.jit(LPIPS(resize_to=None).init)(rng, x, x)
   params = jax.tree.map(np.asarray, params["params"])
   if lin_positive:  # LPIPS clamps its lin weights to >= 0
     for i in range(len(TAP_CHANNELS)):
