@@ -76,7 +76,8 @@ def _samples_from_run(mesh_holder: dict):
   # pylint: disable=g-import-not-at-top
   from cm_jax import sampling
   from cm_jax.train import builders, parallel
-  from cm_jax.train.checkpoint import RunCheckpoints, load_config
+  from cm_jax.train.checkpoint import load_config
+  from cm_jax.train.restore import restore_train_state
   # pylint: enable=g-import-not-at-top
   try:
     config = load_config(_WORKDIR.value, _STEP.value)
@@ -86,9 +87,7 @@ def _samples_from_run(mesh_holder: dict):
   num_classes = config.data.num_classes
   if _CLASS.value is not None and not 0 <= _CLASS.value < max(num_classes, 1):
     _fail(f"--class_label must be in [0, {num_classes}) for this run")
-  ckpts = RunCheckpoints(_WORKDIR.value, read_only=True, async_save=False)
-  state, _, step = ckpts.restore(builders.abstract_train_state(parts, config), _STEP.value)
-  ckpts.close()
+  state, step = restore_train_state(_WORKDIR.value, config, parts, _STEP.value)
   which = _PARAMS.value or config.sample.params
   params = builders.params_for_sampling(state, which, config.ema)
   sampler = _SAMPLER.value or config.sample.sampler

@@ -12,7 +12,8 @@ from absl import app, flags, logging
 
 from cm_jax import editing_cli, sampling
 from cm_jax.train import builders, parallel
-from cm_jax.train.checkpoint import RunCheckpoints, load_config
+from cm_jax.train.checkpoint import load_config
+from cm_jax.train.restore import restore_train_state
 from cm_jax.utils.images import save_grid_png, save_samples_npz
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by train.py")
@@ -63,9 +64,7 @@ def main(argv):
     except editing_cli.EditError as e:
       sys.exit(f"sample.py: {e}")
 
-  ckpts = RunCheckpoints(_WORKDIR.value, read_only=True, async_save=False)
-  state, _, step = ckpts.restore(builders.abstract_train_state(parts, config), _STEP.value)
-  ckpts.close()
+  state, step = restore_train_state(_WORKDIR.value, config, parts, _STEP.value)
   params = builders.params_for_sampling(state, _PARAMS.value or config.sample.params, config.ema)
   if edit_job is not None:
     editing_cli.run_and_save(edit_job, config, parts, params, _OUT.value, _GRID.value,

@@ -38,6 +38,7 @@ from cm_jax import sampling  # noqa: E402
 from cm_jax.eval import digits_metric, evaluator  # noqa: E402
 from cm_jax.train import builders, loop, parallel  # noqa: E402
 from cm_jax.train.checkpoint import RunCheckpoints  # noqa: E402
+from cm_jax.train.restore import restore_train_state  # noqa: E402
 # pylint: enable=wrong-import-position
 
 METHODS = ("edm", "cd", "ct", "ict")
@@ -78,9 +79,7 @@ def train_or_reuse(config, workdir: str, train_steps=None) -> tuple[float, int, 
 
 def restore_params(config, workdir: str):
   parts = builders.build_parts(config)
-  ckpts = RunCheckpoints(workdir, read_only=True, async_save=False)
-  state, _, step = ckpts.restore(builders.abstract_train_state(parts, config))
-  ckpts.close()
+  state, step = restore_train_state(workdir, config, parts)
   return parts, builders.params_for_sampling(state, config.sample.params, config.ema), step
 
 

@@ -12,6 +12,7 @@ from cm_jax.interop import name_maps
 from cm_jax.train import builders
 from cm_jax.train import ema as ema_lib
 from cm_jax.train.checkpoint import RunCheckpoints, checkpoint_dir, load_config
+from cm_jax.train.restore import restore_train_state
 from cm_jax.train.state import create_train_state
 
 
@@ -59,11 +60,7 @@ def load_run_params(workdir: str, which: Optional[str] = None,
   (default: the config's sample.params)."""
   config = load_config(workdir, step)
   parts = builders.build_parts(config)
-  ckpts = RunCheckpoints(workdir, read_only=True, async_save=False)
-  try:
-    state, _, got_step = ckpts.restore(builders.abstract_train_state(parts, config), step)
-  finally:
-    ckpts.close()
+  state, got_step = restore_train_state(workdir, config, parts, step)
   which = which or config.sample.get("params", "ema")
   params = builders.params_for_sampling(state, which, config.ema)
   return jax.device_get(params), config, got_step, which

@@ -101,7 +101,8 @@ def main(argv=None) -> int:
   from absl import logging  # pylint: disable=g-import-not-at-top
   from cm_jax import sampling  # pylint: disable=g-import-not-at-top
   from cm_jax.train import builders  # pylint: disable=g-import-not-at-top
-  from cm_jax.train.checkpoint import RunCheckpoints, load_config  # pylint: disable=g-import-not-at-top
+  from cm_jax.train.checkpoint import load_config  # pylint: disable=g-import-not-at-top
+  from cm_jax.train.restore import restore_train_state  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)
 
   try:
@@ -114,9 +115,7 @@ def main(argv=None) -> int:
   begin = tuple(int(t) for t in args.begin.split(","))
   end = tuple(int(t) for t in (args.end or str(grid_points - 1)).split(","))
   parts = builders.build_parts(config)
-  ckpts = RunCheckpoints(args.workdir, read_only=True, async_save=False)
-  state, _, step = ckpts.restore(builders.abstract_train_state(parts, config))
-  ckpts.close()
+  state, step = restore_train_state(args.workdir, config, parts)
   params = builders.params_for_sampling(state, args.params or config.sample.params, config.ema)
   metric, metric_name = build_metric(args.detector, config, ref=args.ref, ref_num=args.ref_num,
                                      inception_weights=args.inception_weights, seed=args.seed)

@@ -251,8 +251,8 @@ class ConsistencyDistillation(_Consistency):
   def _load_teacher_params(self):
     # Lazy: cm_jax.train builds methods, so it cannot be imported at module level here.
     from cm_jax.train import builders  # pylint: disable=g-import-not-at-top
-    from cm_jax.train.checkpoint import (RunCheckpoints, checkpoint_dir,  # pylint: disable=g-import-not-at-top
-                                         load_config)
+    from cm_jax.train.checkpoint import checkpoint_dir, load_config  # pylint: disable=g-import-not-at-top
+    from cm_jax.train.restore import restore_train_state  # pylint: disable=g-import-not-at-top
     wd = self.cfg.teacher_workdir
     if not wd:
       raise ValueError("consistency distillation needs an EDM teacher: set "
@@ -265,12 +265,7 @@ class ConsistencyDistillation(_Consistency):
     step = None if int(self.cfg.teacher_step) < 0 else int(self.cfg.teacher_step)
     tcfg = load_config(wd, step)
     self._check_teacher_config(tcfg, wd)
-    tparts = builders.build_parts(tcfg)
-    ckpts = RunCheckpoints(wd, read_only=True, async_save=False)
-    try:
-      state, _, _ = ckpts.restore(builders.abstract_train_state(tparts, tcfg), step)
-    finally:
-      ckpts.close()
+    state, _ = restore_train_state(wd, tcfg, step=step)
     params = builders.params_for_sampling(state, self.cfg.teacher_params, tcfg.ema)
     want = jax.eval_shape(lambda: builders.init_params(builders.build_parts(self.config),
                                                        self.config, jax.random.key(0)))
