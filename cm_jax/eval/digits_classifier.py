@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from cm_jax.utils.images import to_uint8
+from cm_jax.utils.trees import flatten_paths, unflatten_paths
 
 FEATURE_DIM = 64
 NUM_CLASSES = 10
@@ -176,19 +177,7 @@ def train(recipe: dict = RECIPE, verbose: bool = False) -> tuple[dict, float]:
 
 
 def _flatten(params) -> dict[str, np.ndarray]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v, np.float32)
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+  return {name: np.asarray(v, np.float32) for name, v in flatten_paths(params).items()}
 
 
 def _digest(flat: dict) -> str:
@@ -233,7 +222,7 @@ def load_or_train(cache_dir: Optional[str] = None, verbose: bool = False) -> Dig
     with np.load(path, allow_pickle=False) as f:
       if str(f["__recipe__"]) == json.dumps(RECIPE, sort_keys=True):
         flat = {k: f[k] for k in f.files if not k.startswith("__")}
-        return DigitsClassifier(_unflatten(flat), float(f["__holdout_accuracy__"]), path)
+        return DigitsClassifier(unflatten_paths(flat), float(f["__holdout_accuracy__"]), path)
   if verbose:
     print(f"training the digits classifier once (cached in {path})")
   params, accuracy = train(RECIPE, verbose=verbose)
@@ -245,4 +234,4 @@ def load_or_train(cache_dir: Optional[str] = None, verbose: bool = False) -> Dig
   np.savez(tmp, **flat, __recipe__=np.asarray(json.dumps(RECIPE, sort_keys=True)),
            __holdout_accuracy__=np.asarray(accuracy))
   os.replace(tmp, path)
-  return DigitsClassifier(_unflatten(flat), accuracy, path)
+  return DigitsClassifier(unflatten_paths(flat), accuracy, path)

@@ -41,6 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Names kept for callers of this module's weight-file layout.
+from cm_jax.utils.trees import flatten_paths as flatten_params
+from cm_jax.utils.trees import unflatten_paths as unflatten_params
+
 # SHA-256 of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (95,628,359 bytes), the
 # source file the converter accepts by default; the file name carries its first 8 hex digits
 # (torch.hub's check_hash convention). The value is the one several independent projects
@@ -290,32 +294,6 @@ def abstract_params(preprocess: str = "tf1"):
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              jnp.zeros((1, 75, 75, 3), jnp.uint8)))
   return shapes["params"]
-
-
-def flatten_params(params) -> dict[str, np.ndarray]:
-  flat = {}
-
-  def walk(tree, prefix):
-    for key, value in tree.items():
-      name = f"{prefix}/{key}" if prefix else key
-      if isinstance(value, dict) or hasattr(value, "items"):
-        walk(value, name)
-      else:
-        flat[name] = value
-
-  walk(params, "")
-  return flat
-
-
-def unflatten_params(flat: dict) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def params_digest(flat: dict[str, np.ndarray]) -> str:
