@@ -74,22 +74,23 @@ def _fail(msg: str):
 
 def _samples_from_run(mesh_holder: dict):
   # pylint: disable=g-import-not-at-top
-  from cm_jax import sampling
+  from cm_jax import runs, sampling
   from cm_jax.train import builders, parallel
-  from cm_jax.train.checkpoint import load_config
-  from cm_jax.train.restore import restore_train_state
   # pylint: enable=g-import-not-at-top
   try:
-    config = load_config(_WORKDIR.value, _STEP.value)
+    config = runs.load_config(_WORKDIR.value, _STEP.value)
   except FileNotFoundError as e:
     _fail(str(e))
   parts = builders.build_parts(config)
   num_classes = config.data.num_classes
   if _CLASS.value is not None and not 0 <= _CLASS.value < max(num_classes, 1):
     _fail(f"--class_label must be in [0, {num_classes}) for this run")
-  state, step = restore_train_state(_WORKDIR.value, config, parts, _STEP.value)
   which = _PARAMS.value or config.sample.params
-  params = builders.params_for_sampling(state, which, config.ema)
+  try:  # only the chosen copy of the weights is read (cm_jax.runs)
+    run = runs.load_run(_WORKDIR.value, which, _STEP.value)
+  except ValueError as e:
+    _fail(str(e))
+  params, step = run.params, run.step
   sampler = _SAMPLER.value or config.sample.sampler
   options = {"sampler": sampler} if sampler != config.sample.sampler else {}
   num_steps = _STEPS.value or config.sample.num_steps

@@ -10,10 +10,10 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from cm_jax import editing_cli, sampling
+from cm_jax import runs, sampling
+from cm_jax.cli import editing as editing_cli
+from cm_jax.nets import null_class_index
 from cm_jax.train import builders, parallel
-from cm_jax.train.checkpoint import load_config
-from cm_jax.train.restore import restore_train_state
 from cm_jax.utils.images import save_grid_png, save_samples_npz
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by train.py")
@@ -27,12 +27,16 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "images per batch (default: th
 _SAMPLER = flags.DEFINE_string("sampler", None, "sampler name (default: the config's)")
 _PARAMS = flags.DEFINE_string("params", None, "ema | online | an EMA's name (default: config)")
 _CLASS = flags.DEFINE_integer("class_label", None, "generate only this class")
+_GUIDANCE = flags.DEFINE_float(
+    "guidance", None, "classifier-free guidance strength w: (1 + w) x_cond - w x_uncond "
+    "(diffusers' guidance_scale = 1 + w; needs a model trained with label dropout; "
+    "default: config.sample.guidance)")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "checkpoint step (default: latest)")
 _TS = flags.DEFINE_list("ts", None, "consistency models: grid indices of CM Algorithm 1, e.g. "
                         "0,22,39 (on config.sample.grid_points levels); sets --steps")
 _GRID_POINTS = flags.DEFINE_integer("grid_points", None, "consistency models: Karras grid "
                                     "size of --ts (default: config.sample.grid_points)")
-# Zero-shot editing with a consistency model (cm_jax/editing_cli.py).
+# Zero-shot editing with a consistency model (cm_jax/cli/editing.py).
 _EDIT = flags.DEFINE_enum("edit", None, list(editing_cli.TASKS),
                           "edit --image instead of sampling (consistency models only)")
 flags.DEFINE_string("image", None, "--edit input: PNG of the model's size (or .npz arr_0)")
@@ -49,7 +53,7 @@ def main(argv):
   if not _WORKDIR.value:
     sys.exit("sample.py: --workdir is required")
   try:
-    config = load_config(_WORKDIR.value, _STEP.value)
+    config = runs.load_config(_WORKDIR.value, _STEP.value)
   except FileNotFoundError as e:
     sys.exit(f"sample.py: {e}")
   parts = builders.build_parts(config)
@@ -64,8 +68,11 @@ def main(argv):
     except editing_cli.EditError as e:
       sys.exit(f"sample.py: {e}")
 
-  state, step = restore_train_state(_WORKDIR.value, config, parts, _STEP.value)
-  params = builders.params_for_sampling(state, _PARAMS.value or config.sample.params, config.ema)
+  try:  # only the chosen copy of the weights is read (cm_jax.runs)
+    run = runs.load_run(_WORKDIR.value, _PARAMS.value or config.sample.params, _STEP.value)
+  except ValueError as e:
+    sys.exit(f"sample.py: {e}")
+  params, step = run.params, run.step
   if edit_job is not None:
     editing_cli.run_and_save(edit_job, config, parts, params, _OUT.value, _GRID.value,
                              _GRID_MAX.value)
@@ -81,6 +88,15 @@ def main(argv):
       sys.exit("sample.py: --ts applies to consistency models (cd, ct, ict) only")
     options["ts"] = tuple(int(t) for t in _TS.value)
     num_steps = _STEPS.value or len(options["ts"]) - 1
+  guidance = _GUIDANCE.value if _GUIDANCE.value is not None else config.sample.get("guidance", 0.0)
+  if guidance:
+    if config.method.name not in ("edm", "vp"):
+      sys.exit(f"sample.py: --guidance applies to diffusion models (edm, vp), not "
+               f"{config.method.name!r}")
+    if null_class_index(config.model, num_classes) is None:
+      sys.exit("sample.py: --guidance needs a model trained for classifier-free guidance "
+               "(model.null_class=True, method.label_dropout > 0); this run has no null class")
+    options["guidance"] = float(guidance)
   if _GRID_POINTS.value and "grid_points" in config.sample:
     options["grid_points"] = _GRID_POINTS.value
   images, labels = sampling.generate(

@@ -5,6 +5,9 @@
   python train.py --config configs/imagenet64_edm.py --dry_run
   python train.py --config configs/cifar10_edm.py --workdir runs/c --config.optim.lr=5e-4
 
+A method with fit() instead of a loss (cm_jax.train.fit) is fitted once into an
+empty --workdir and saved as a run that sample.py reads.
+
 Runs resume from the newest checkpoint in --workdir automatically. SIGTERM or
 SIGINT (preemption, Ctrl-C) finishes the current step, saves a checkpoint and
 exits 0; rerunning the same command continues exactly.
@@ -19,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cm_jax.train import builders, distributed, loop
+from cm_jax.train import builders, distributed, fit, loop
 from cm_jax.train.state import count_params, tree_bytes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<data>_<method>.py[:variant]")
@@ -64,7 +67,10 @@ def main(argv):
                             auto=_DISTRIBUTED.value):
     print(distributed.describe(), flush=True)
   try:
-    loop.train(config, _WORKDIR.value, num_steps=_STEPS.value)
+    if fit.is_fitted(builders.build_parts(config).method):  # no loss: fitted, not trained
+      fit.fit_run(config, _WORKDIR.value)
+    else:
+      loop.train(config, _WORKDIR.value, num_steps=_STEPS.value)
   except (FileNotFoundError, ValueError, loop.NonFiniteLossError) as e:
     # Set-up errors (missing teacher or data, config mismatch) and a NaN stop are the
     # user's to fix: one line, not a traceback.

@@ -4,12 +4,14 @@
   python benchmarks/digits_quality.py --variant tiny   # seconds-long smoke run
   python benchmarks/digits_quality.py --methods edm,cd --steps 1,2
 
-For each of configs/digits_{edm,cd,ct,ict}.py that exists (others are skipped, saying so),
+For each of configs/digits_{edm,vp,cd,ct,ict}.py that exists (others are skipped, saying so),
 trains it in <runs>/digits_<method> with cm_jax.train.loop.train, or reuses the run there
 when it already reached its step count (an interrupted run resumes). CD distils the EDM
 teacher of the same run directory. Then samples --num images per setting with per-image
 seeds (cm_jax.sampling.generate): the teacher with its Heun sampler at --teacher_steps
-(18 steps = NFE 35), each consistency model at --steps (1, 2, 4 network evaluations).
+(18 steps = NFE 35), the VP teacher with DDIM at --vp_steps, unguided and with each
+--vp_guidance w (NFE doubles when guided), each consistency model at --steps (1, 2, 4
+network evaluations).
 Scores them with the digits metric (cm_jax.eval.digits_metric: FD-digits against all
 1,797 real digits, class coverage, label accuracy of the class-conditional samples) and
 prints one table, also written as <out>.json and <out>.md.
@@ -34,14 +36,13 @@ if ROOT not in sys.path:
 # pylint: disable=wrong-import-position
 import jax  # noqa: E402
 
-from cm_jax import sampling  # noqa: E402
+from cm_jax import runs, sampling  # noqa: E402
 from cm_jax.eval import digits_metric, evaluator  # noqa: E402
 from cm_jax.train import builders, loop, parallel  # noqa: E402
 from cm_jax.train.checkpoint import RunCheckpoints  # noqa: E402
-from cm_jax.train.restore import restore_train_state  # noqa: E402
 # pylint: enable=wrong-import-position
 
-METHODS = ("edm", "cd", "ct", "ict")
+METHODS = ("edm", "vp", "cd", "ct", "ict")
 
 
 def load_config(method: str, variant: str):
@@ -79,8 +80,8 @@ def train_or_reuse(config, workdir: str, train_steps=None) -> tuple[float, int, 
 
 def restore_params(config, workdir: str):
   parts = builders.build_parts(config)
-  state, step = restore_train_state(workdir, config, parts)
-  return parts, builders.params_for_sampling(state, config.sample.params, config.ema), step
+  run = runs.load_run(workdir, config.sample.params)  # only the sampling copy is read
+  return parts, run.params, run.step
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
   p.add_argument("--methods", default=",".join(METHODS), help="subset of edm,cd,ct,ict")
   p.add_argument("--steps", default="1,2,4", help="consistency-model sampling steps (= NFE)")
   p.add_argument("--teacher_steps", type=int, default=18, help="EDM Heun steps (NFE 2N-1)")
+  p.add_argument("--vp_steps", default="50,100,256", help="VP teacher DDIM steps")
+  p.add_argument("--vp_guidance", default="0,1", help="VP teacher guidance strengths w")
   p.add_argument("--num", type=int, default=1797, help="samples per setting")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--variant", default="", choices=["", "tiny"], help="config variant")
@@ -146,18 +149,23 @@ def main(argv=None) -> int:
     train_s, train_step, trained = train_or_reuse(config, workdir, args.train_steps)
     parts, params, ckpt_step = restore_params(config, workdir)
     mesh = parallel.make_mesh(config.get("mesh"))
-    settings = [args.teacher_steps] if method == "edm" else steps
-    for num_steps in settings:
+    settings = [(n, 0.0) for n in ([args.teacher_steps] if method == "edm" else steps)]
+    if method == "vp":
+      settings = [(int(n), float(w)) for w in args.vp_guidance.split(",")
+                  for n in args.vp_steps.split(",")]
+    for num_steps, guidance in settings:
       t0 = time.perf_counter()
       images, labels = sampling.generate(
           parts.method, params, num=args.num, seed=args.seed,
           batch_size=config.sample.batch_size, num_steps=num_steps,
-          image_shape=parts.image_shape, num_classes=config.data.num_classes, mesh=mesh)
+          image_shape=parts.image_shape, num_classes=config.data.num_classes, mesh=mesh,
+          **({"guidance": guidance} if guidance else {}))
       sample_s = time.perf_counter() - t0
       scores = metric(images, labels)
-      row = {"method": method, "num_steps": num_steps,
-             "sampler": config.sample.sampler,
-             "nfe": evaluator.nfe(parts.method, config.sample.sampler, num_steps),
+      nfe = evaluator.nfe(parts.method, config.sample.sampler, num_steps)
+      row = {"method": method + (f" (w={guidance:g})" if guidance else ""),
+             "num_steps": num_steps, "sampler": config.sample.sampler, "guidance": guidance,
+             "nfe": nfe * (2 if guidance else 1),
              "fd_digits": scores["fd_digits"], "coverage": scores["coverage"],
              "class_entropy": scores["class_entropy"], "confident": scores["confident"],
              "accuracy": scores.get("accuracy"), "num_samples": scores["num_samples"],

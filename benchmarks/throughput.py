@@ -22,7 +22,30 @@ Reported per config:
 Each config runs in its own subprocess, so peak memory is per config. The
 table is printed and written as JSON (--json). Defaults adapt to CPU: the 32x32
 and 64x64 configs use batch 2, 2 timed steps and a 2-step sampler there
-(--batch / --steps / --sample_steps override).
+(--batch / --steps / --sample_steps override). A config written `spec@N`
+(configs/digits_edm.py@20) times N train steps instead of --steps.
+
+Distillation configs (CD) time the step with a freshly initialised teacher of the
+student's network: random weights, for speed only (no teacher run is read).
+
+Before/after comparison against another checkout of the repo (e.g. the last commit):
+
+  git worktree add /tmp/cm_jax_ref HEAD
+  python benchmarks/throughput.py --compare /tmp/cm_jax_ref --repeats 2 --steps 200 \
+      --configs configs/digits_edm.py:tiny configs/digits_edm.py@20 configs/digits_cd.py:tiny
+  git worktree remove --force /tmp/cm_jax_ref
+
+--compare REF_TREE runs every config's `--one` measurement in REF_TREE (that tree's own
+benchmarks/throughput.py, cwd=REF_TREE, PYTHONPATH=REF_TREE so the child imports REF_TREE's
+cm_jax and configs, not this checkout's editable install; checked before timing) and in
+this tree, interleaved ref, new, ref, new, ... for --repeats rounds so that machine noise
+falls on both. The table gives per config the train step ms, sample img/s and compile s of
+ref and new with the new/ref ratio, each the best of the rounds (least disturbed by other
+load), and `noise`, the largest spread between rounds of one tree's step time; a ratio
+inside that spread is within noise. When REF_TREE's own harness fails on a config (HEAD's
+harness cannot build CD), the ref side of that config runs this file's harness against
+REF_TREE's code and configs (CM_JAX_BENCH_ROOT=REF_TREE) and the note says so. Every
+round's raw result is in the JSON.
 """
 from __future__ import annotations
 
@@ -33,7 +56,12 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout whose configs are read; CM_JAX_BENCH_ROOT runs this harness on another one
+# (--compare's fallback for a reference tree whose own harness fails).
+ROOT = os.environ.get("CM_JAX_BENCH_ROOT") or os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))
+THIS_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANDOM_TEACHER = "random init (timing only)"
 DEFAULT_CONFIGS = ("configs/digits_edm.py:tiny", "configs/digits_edm.py",
                    "configs/cifar10_edm.py", "configs/imagenet64_edm.py")
 CPU_BIG_BATCH = 2          # 32x32 and larger on a CPU
@@ -94,6 +122,23 @@ def flops_of(compiled) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
+def random_teacher(parts, config, rng):
+  """What load_teacher() gives the loss, with the teacher network freshly initialised.
+
+  CD (a method with _load_teacher_params) gets {'teacher': random weights of the student's
+  network} plus its other frozen extras (LPIPS); other methods with load_teacher (CT/iCT:
+  LPIPS only, None for l2) get load_teacher() itself. Returns (aux, description).
+  """
+  from cm_jax.train import builders
+  method = parts.method
+  if not hasattr(method, "load_teacher"):
+    return None, None
+  if not hasattr(method, "_load_teacher_params"):
+    return method.load_teacher(), None
+  method._load_teacher_params = lambda: builders.init_params(parts, config, rng)  # pylint: disable=protected-access
+  return method.load_teacher(), RANDOM_TEACHER
+
+
 def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | None,
               sample_steps: int | None, sample_batch: int | None, do_sample: bool) -> dict:
   import jax
@@ -121,9 +166,8 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
   ways = par.batch_divisor()
   parallel.check_batch_size(batch, ways, accum)
 
-  teacher = None
-  if hasattr(parts.method, "load_teacher"):  # distillation: a random teacher of the right shape
-    teacher = par.place_teacher(builders.init_params(parts, config, jax.random.key(1)))
+  teacher, teacher_kind = random_teacher(parts, config, jax.random.key(1))
+  teacher = par.place_teacher(teacher)
   state = par.init_state(lambda r, t: builders.new_train_state(parts, config, r, t),
                          jax.random.key(0), teacher)
   n_params = count_params(state.params)
@@ -157,6 +201,10 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
       train_steps_timed=steps, train_step_s=step_time, train_img_s=batch / step_time,
       train_compile_s=train_compile, train_flops_per_step=flops,
       train_tflop_s=flops / step_time / 1e12)
+  import cm_jax
+  result.update(cm_jax_file=cm_jax.__file__, harness=os.path.abspath(__file__))
+  if teacher_kind:
+    result.update(teacher=teacher_kind)
 
   if do_sample:
     sb = sample_batch or batch
@@ -208,6 +256,169 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
+def split_spec(spec: str, steps: int | None) -> tuple[str, int | None]:
+  """'configs/x.py[:variant][@N]' -> (config spec, timed steps: N, else --steps)."""
+  base, at, n = spec.rpartition("@")
+  return (base, int(n)) if at and n.isdigit() else (spec, steps)
+
+
+def error_line(stderr: str, returncode: int) -> str:
+  """The exception line of a child's traceback (JAX appends a note after it)."""
+  lines = [l.strip() for l in stderr.strip().splitlines() if l.strip()]
+  for line in reversed(lines):
+    head = line.split(":", 1)[0]
+    if head.isidentifier() and (head.endswith("Error") or head.endswith("Exception")):
+      return line
+  return lines[-1] if lines else f"exit {returncode}"
+
+
+def child_env(tree: str | None, bench_root: str | None = None) -> dict | None:
+  """The child's environment: PYTHONPATH=tree first (its cm_jax and configs, ahead of any
+  editable install), CM_JAX_BENCH_ROOT for this harness on another tree's configs."""
+  if tree is None:
+    return None
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([tree] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
+                                               else []))
+  env.pop("CM_JAX_BENCH_ROOT", None)
+  if bench_root:
+    env["CM_JAX_BENCH_ROOT"] = bench_root
+  return env
+
+
+def check_imports(tree: str) -> str:
+  """Where a child run in `tree` imports cm_jax from; raises unless it is that tree's."""
+  proc = subprocess.run([sys.executable, "-c", "import cm_jax; print(cm_jax.__file__)"],
+                        cwd=tree, env=child_env(tree), capture_output=True, text=True,
+                        check=True)
+  where = proc.stdout.strip().splitlines()[-1]
+  if not os.path.realpath(where).startswith(os.path.realpath(tree) + os.sep):
+    raise SystemExit(f"a child in {tree} imports cm_jax from {where}, not from that tree")
+  return where
+
+
+def run_one(spec: str, args, overrides: list[str], tree: str | None = None,
+            script: str | None = None, bench_root: str | None = None) -> dict:
+  """One `--one` child: `script` (default this file) in `tree` (default this checkout)."""
+  config, steps = split_spec(spec, args.steps)
+  script = script or os.path.abspath(__file__)
+  cmd = [sys.executable, script, "--one", "--configs", config, *overrides]
+  for flag, value in (("batch", args.batch), ("steps", steps),
+                      ("sample_steps", args.sample_steps), ("sample_batch", args.sample_batch)):
+    if value is not None:
+      cmd += [f"--{flag}", str(value)]
+  if args.no_sample:
+    cmd.append("--no_sample")
+  try:
+    proc = subprocess.run(cmd, cwd=tree or ROOT, env=child_env(tree, bench_root),
+                          capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+      return dict(config=config, batch=args.batch, error=error_line(proc.stderr,
+                                                                     proc.returncode))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+  except subprocess.TimeoutExpired:
+    return dict(config=config, batch=args.batch, error=f"timeout after {args.timeout:.0f} s")
+
+
+def _best(runs: list[dict], key: str, lower_is_better: bool) -> float:
+  vals = [r[key] for r in runs if "error" not in r and key in r]
+  if not vals:
+    return float("nan")
+  return min(vals) if lower_is_better else max(vals)
+
+
+def compare_summary(spec: str, ref_runs: list[dict], new_runs: list[dict], note: str) -> dict:
+  """Best-of-rounds ref / new numbers and new/ref ratios of one config."""
+  out = dict(config=spec, note=note)
+  for name, key, low in (("step_ms", "train_step_s", True), ("sample_img_s", "sample_img_s", False),
+                         ("compile_s", "train_compile_s", True),
+                         ("sample_compile_s", "sample_compile_s", True)):
+    scale = 1e3 if name == "step_ms" else 1.0
+    ref, new = _best(ref_runs, key, low) * scale, _best(new_runs, key, low) * scale
+    out[name] = dict(ref=ref, new=new, ratio=new / ref if ref == ref and ref else float("nan"))
+  spreads = []
+  for runs in (ref_runs, new_runs):
+    steps = [r["train_step_s"] for r in runs if "error" not in r]
+    if len(steps) > 1:
+      spreads.append(max(steps) / min(steps) - 1)
+  out["noise"] = max(spreads) if spreads else float("nan")
+  out["errors"] = [f"{side}: {r['error']}" for side, runs in (("ref", ref_runs), ("new", new_runs))
+                   for r in runs if "error" in r]
+  return out
+
+
+def format_compare(summaries: list[dict]) -> str:
+  head = ("config", "step ms ref", "new", "new/ref", "sample img/s ref", "new", "new/ref",
+          "compile s ref", "new", "noise", "note")
+  lines = [head]
+  f = lambda v, p: "-" if v != v else f"{v:.{p}f}"  # nan -> '-'
+  for s in summaries:
+    st, sa, co = s["step_ms"], s["sample_img_s"], s["compile_s"]
+    note = "; ".join([s["note"]] * bool(s["note"]) + s["errors"][:1])
+    lines.append((s["config"].replace("configs/", ""), f(st["ref"], 1), f(st["new"], 1),
+                  f(st["ratio"], 3), f(sa["ref"], 1), f(sa["new"], 1), f(sa["ratio"], 3),
+                  f(co["ref"], 1), f(co["new"], 1),
+                  "-" if s["noise"] != s["noise"] else f"{100 * s['noise']:.0f}%", note))
+  widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+  out = [" | ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in lines]
+  out.insert(1, "-+-".join("-" * w for w in widths))
+  return "\n".join(out)
+
+
+def compare(configs: list[str], args, overrides: list[str]) -> list[dict]:
+  """Interleaved ref/new `--one` runs of every config; prints and returns the summaries."""
+  ref_tree = os.path.abspath(args.compare)
+  ref_script = os.path.join(ref_tree, "benchmarks", "throughput.py")
+  if not os.path.isfile(ref_script):
+    raise SystemExit(f"--compare {ref_tree}: no benchmarks/throughput.py there")
+  where = {"ref": check_imports(ref_tree), "new": check_imports(THIS_ROOT)}
+  print(f"ref imports {where['ref']}; new imports {where['new']}", file=sys.stderr)
+  summaries, records = [], []
+  for spec in configs:
+    ref_runs, new_runs, ref_fallback, ref_own_error = [], [], False, None
+    for rnd in range(args.repeats):
+      for side in ("ref", "new"):
+        print(f"[round {rnd + 1}/{args.repeats}] {side}: {spec} ...", file=sys.stderr, flush=True)
+        if side == "new":
+          row = run_one(spec, args, overrides, tree=THIS_ROOT)
+          new_runs.append(row)
+        else:
+          row = None
+          if not ref_fallback:
+            row = run_one(spec, args, overrides, tree=ref_tree, script=ref_script)
+            if "error" in row:  # its own harness cannot run this config: ours on its code
+              ref_fallback, ref_own_error = True, row["error"]
+          if ref_fallback:
+            row = run_one(spec, args, overrides, tree=ref_tree, bench_root=ref_tree)
+          ref_runs.append(row)
+        if "error" in row:
+          print(f"  error: {row['error']}", file=sys.stderr)
+        else:
+          print(f"  step {row['train_step_s'] * 1e3:.1f} ms, sample "
+                f"{row.get('sample_img_s', float('nan')):.1f} img/s, compile "
+                f"{row['train_compile_s']:.1f} s", file=sys.stderr, flush=True)
+    notes = []
+    if ref_fallback:
+      notes.append("ref timed with this harness on ref's code (ref's own: "
+                   f"{ref_own_error[:60]})")
+    if any(r.get("teacher") for r in ref_runs + new_runs):
+      notes.append(f"teacher: {RANDOM_TEACHER}")
+    summary = compare_summary(spec, ref_runs, new_runs, "; ".join(notes))
+    summaries.append(summary)
+    records.append(dict(summary, ref_runs=ref_runs, new_runs=new_runs,
+                        ref_harness="new" if ref_fallback else "own",
+                        ref_own_error=ref_own_error))
+  print(f"ref = {ref_tree}, new = {THIS_ROOT}; best of {args.repeats} interleaved rounds; "
+        "noise = largest spread of one tree's step time between rounds")
+  print(format_compare(summaries))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(ref_tree=ref_tree, new_tree=THIS_ROOT, repeats=args.repeats,
+                     steps=args.steps, imports=where, configs=records), f, indent=2)
+    print(f"wrote {args.json}", file=sys.stderr)
+  return records
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
@@ -224,6 +435,11 @@ def main(argv=None):
   parser.add_argument("--no_sample", action="store_true", help="time the train step only")
   parser.add_argument("--json", default="throughput.json", help="where to write the results")
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per config")
+  parser.add_argument("--compare", metavar="REF_TREE", default=None,
+                      help="another checkout of the repo (e.g. a git worktree of HEAD): time "
+                           "every config there and here, interleaved, and print new/ref")
+  parser.add_argument("--repeats", type=int, default=2,
+                      help="--compare: interleaved ref/new rounds per config (default 2)")
   parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
   args, overrides = parser.parse_known_args(argv)
   bad = [o for o in overrides if not o.startswith("--config.")]
@@ -232,29 +448,22 @@ def main(argv=None):
   configs = [c for item in args.configs for c in item.split(",") if c]
 
   if args.one:  # child: one config, JSON on the last stdout line
-    result = bench_one(configs[0], overrides, args.batch, args.steps, args.sample_steps,
+    spec, steps = split_spec(configs[0], args.steps)
+    result = bench_one(spec, overrides, args.batch, steps, args.sample_steps,
                        args.sample_batch, not args.no_sample)
     print(json.dumps(result))
     return
 
+  if args.compare:
+    records = compare(configs, args, overrides)
+    if any(r["errors"] for r in records):
+      sys.exit(1)
+    return
+
   rows = []
   for spec in configs:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", "--configs", spec, *overrides]
-    for flag in ("batch", "steps", "sample_steps", "sample_batch"):
-      if getattr(args, flag) is not None:
-        cmd += [f"--{flag}", str(getattr(args, flag))]
-    if args.no_sample:
-      cmd.append("--no_sample")
     print(f"benchmarking {spec} ...", file=sys.stderr, flush=True)
-    try:
-      proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-      if proc.returncode != 0:
-        rows.append(dict(config=spec, batch=args.batch, error=proc.stderr.strip().splitlines()[-1]
-                         if proc.stderr.strip() else f"exit {proc.returncode}"))
-      else:
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    except subprocess.TimeoutExpired:
-      rows.append(dict(config=spec, batch=args.batch, error=f"timeout after {args.timeout:.0f} s"))
+    rows.append(run_one(spec, args, overrides))
   print(format_table(rows))
   if args.json:
     with open(args.json, "w") as f:

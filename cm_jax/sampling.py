@@ -14,15 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cm_jax.train import parallel
+from cm_jax.diffusion.noise import per_image_keys
+from cm_jax.utils import sharding
 from cm_jax.utils.images import to_uint8
 
 _NOISE, _LABEL, _SAMPLER = 0, 1, 2
 
 
 def image_keys(seed: int, indices: jax.Array) -> jax.Array:
-  base = jax.random.key(seed)
-  return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+  """fold_in(key(seed), i) for every image index i (cm_jax.diffusion.noise.per_image_keys)."""
+  return per_image_keys(jax.random.key(seed), indices)
 
 
 def draw_inputs(keys, image_shape, num_classes: int, class_label: Optional[int]):
@@ -46,11 +47,14 @@ def make_sample_fn(method, image_shape, num_classes: int, num_steps: int,
     keys = image_keys(seed, indices)
     noise, labels, sampler_keys = draw_inputs(keys, image_shape, num_classes, class_label)
     images = method.sample(params, noise, sampler_keys, labels, num_steps, **sampler_options)
+    decode = getattr(method, "decode", None)  # latent methods: back to pixels
+    if decode is not None:
+      images = decode(images)
     return images, (labels if labels is not None else jnp.zeros_like(indices))
 
   if mesh is None:
     return jax.jit(sample)
-  rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(sample, in_shardings=(rep, split, None), out_shardings=(split, split))
 
 
@@ -59,7 +63,7 @@ def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps:
              mesh=None, progress: bool = False, **sampler_options):
   """`num` images as uint8 NHWC and their labels (None when unconditional)."""
   if mesh is not None:
-    devices = parallel.batch_divisor(mesh)  # rows split over (data, fsdp)
+    devices = sharding.batch_divisor(mesh)  # rows split over (data, fsdp)
     batch_size = max(devices, batch_size - batch_size % devices)
   fn = make_sample_fn(method, tuple(image_shape), num_classes, num_steps, class_label, mesh,
                       **sampler_options)

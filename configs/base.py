@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # Network fields are passed to the Flax module as keywords (cm_jax.nets.build_network).
-  c.model = ml_collections.ConfigDict(dict(name="adm"))
+  # null_class: one more class embedding, the "no label" token that label dropout trains
+  # for classifier-free guidance (method.label_dropout > 0 needs it).
+  c.model = ml_collections.ConfigDict(dict(name="adm", null_class=False))
 
   # Karras et al. 2022, Table 1 and eq. 5.
   c.precond = ml_collections.ConfigDict(dict(
@@ -37,7 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # EDM training distribution of sigma: ln(sigma) ~ N(P_mean, P_std^2).
-  c.method = ml_collections.ConfigDict(dict(name="edm", p_mean=-1.2, p_std=1.2))
+  # label_dropout: probability of training on the null class (classifier-free guidance,
+  # Ho & Salimans 2022); 0 = a plain conditional model.
+  c.method = ml_collections.ConfigDict(dict(name="edm", p_mean=-1.2, p_std=1.2,
+                                            label_dropout=0.0))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
@@ -56,11 +61,13 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
-      sampler="heun",         # heun (EDM Alg. 1) | euler | edm_stochastic (EDM Alg. 2)
+      sampler="heun",         # heun (EDM Alg. 1) | euler | ddim | dpmpp_2m | edm_stochastic (EDM Alg. 2)
       num_steps=18,           # grid points; Heun uses 2N-1 network evaluations
       params="ema",           # ema | online | an EMA's name
       grid_size=64,
       batch_size=256,
+      guidance=0.0,           # classifier-free guidance w: (1 + w) x_cond - w x_uncond
+      clip_denoised=False,    # clip D(x; sigma) to [-1, 1] at every step (not in EDM Alg. 1)
       s_churn=0.0, s_min=0.0, s_max=float("inf"), s_noise=1.0))
 
   # How the one train step is compiled: 'jit' (a Mesh with named shardings; data
@@ -79,3 +86,21 @@ def check_arg(arg: str, allowed=("", "tiny")) -> str:
   if arg not in allowed:
     raise ValueError(f"unknown config variant {arg!r}; choose from {allowed}")
   return arg
+
+
+def vp_fields(c, *, prediction: str, loss_weight: str = "snr_trunc",
+              label_dropout: float = 0.0) -> None:
+  """Turns a base_config() into a VP teacher on diffusion_distillation's cosine schedule."""
+  # logSNR(t) = -2 log tan(a t + b) on [-20, 20] (Salimans & Ho 2022; schedules.py there).
+  c.schedule = ml_collections.ConfigDict(dict(name="vp_cosine", logsnr_min=-20.0,
+                                              logsnr_max=20.0))
+  c.method = ml_collections.ConfigDict(dict(
+      name="vp",
+      prediction=prediction,     # x | eps | v | both (dpm.py mean_type)
+      loss_weight=loss_weight,   # constant | snr | snr_trunc | v_mse (dpm.py mean_loss_weight_type)
+      label_dropout=label_dropout,
+  ))
+  # DDIM on u_i = i/N, x_hat clipped at every step (dpm.py eval_clip_denoised=True).
+  c.sample.update(sampler="ddim", num_steps=256, clip_denoised=True)
+  c.model.update(null_class=label_dropout > 0,
+                 out_channels_factor=2 if prediction == "both" else 1)

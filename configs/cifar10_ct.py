@@ -3,7 +3,7 @@
   python train.py --config configs/cifar10_ct.py --workdir runs/cifar10_ct \
       --config.method.lpips_weights=lpips_vgg16.npz
   python sample.py --workdir runs/cifar10_ct --num 50000 --steps 1 --out ct_1step.npz
-  python -m cm_jax.methods.cm_search --workdir runs/cifar10_ct       # two-step index
+  python -m cm_jax.cli.cm_search --workdir runs/cifar10_ct       # two-step index
   python sample.py --workdir runs/cifar10_ct --num 50000 --ts 0,<best>,150 --out ct_2step.npz
 
 Expected (Song et al. 2023, Table 1): FID 8.70 in one step, 5.83 in two.

@@ -13,7 +13,8 @@ Training hyper-parameters: EDM paper (Karras et al. 2022) Table 7, CIFAR-10
 column: batch 512, Adam lr 1e-3 (beta 0.9/0.999, eps 1e-8), lr ramp-up over 10
 Mimg, EMA half-life 0.5 Mimg, dropout 13%, 200 Mimg of training. EDM's
 geometric augmentation (p = 0.12) is not implemented; horizontal flips are on.
-Sampling: Heun, 18 steps (NFE 35); EDM reports FID 1.97 (unconditional VE).
+Sampling: Heun, 18 steps (NFE 35); EDM Table 2 reports FID 1.98 for this network
+(unconditional VE, NCSN++; 1.97 is the VP / DDPM++ figure).
 """
 from configs.base import base_config, check_arg
 

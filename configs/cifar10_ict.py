@@ -13,7 +13,7 @@ the same dropout key for both evaluations; NCSN++ with Fourier scale 0.02 instea
 dropout 0.3; batch 1024, 400k iterations, RAdam lr 1e-4 (beta 0.9/0.999, eps 1e-8), EMA
 0.99993 for sampling, random init. The two-step ts puts the middle level at sigma = 0.821,
 the CIFAR-10 intermediate level of ECT (Geng et al. 2024, ct_eval.py --mid_t default)
-following iCT; tune it with `python -m cm_jax.methods.cm_search`.
+following iCT; tune it with `python -m cm_jax.cli.cm_search`.
 """
 from cm_jax.methods.consistency import method_config, sample_config_fields
 from configs import cifar10_edm

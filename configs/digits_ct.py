@@ -8,8 +8,10 @@ CM Algorithm 3 as on CIFAR-10 (adaptive N(k) and mu(k) of CM Appendix C with the
 reference code's mu(k), Euler step with the data as denoiser, uniform weighting, RAdam,
 no warm-up) with the squared l2 metric and two digits choices: s1 = 30 and mu0 = 0.5
 instead of CIFAR-10's 150 and 0.9. With the CIFAR-10 constants, 3000 steps do not get
-past the grey mean (fd_digits ~840): the EMA target (mu ~0.997 late in the run) lets the
-boundary condition climb the 151 levels far too slowly for a CPU-sized run (the effect iCT
+past the grey mean (fd_digits ~840): the EMA target (mu(K) = exp(2 ln 0.9 / 150) ~ 0.9986
+at the end of the run, N(K) = 151; with s1 = 30, mu0 = 0.5 it is 0.955, N(K) = 31; values
+of cm_schedules.ct_target_ema, reference mu(k)) lets the boundary condition climb the 151
+levels far too slowly for a CPU-sized run (the effect iCT
 removes by dropping the target EMA). `:tiny` runs a few steps in seconds.
 
 Expected (about 25 minutes on a loaded 2-core CPU; evaluate.py --ref digits --detector

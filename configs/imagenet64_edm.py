@@ -8,7 +8,8 @@ Network: ADM as openai/consistency_models configures it for ImageNet 64 (192
 channels, mult 1-2-3-4, 3 res blocks, attention at 32/16/8 with 64 channels per
 head, scale-shift norm, resblock up/down, 1000 classes): 295,899,267 params.
 Training hyper-parameters: EDM paper (Karras et al. 2022) Table 7, ImageNet-64
-column: batch 4096, Adam lr 2e-4 (beta 0.9/0.999, eps 1e-8), lr ramp-up over
+column: batch 4096, Adam lr 1e-4 (beta 0.9/0.999, eps 1e-8; also the lr of
+openai/consistency_models' EDM ImageNet-64 launch script), lr ramp-up over
 10 Mimg, EMA half-life 50 Mimg, dropout 10%, 2500 Mimg of training. EDM's
 geometric augmentation is not implemented; flips are off as in EDM's ImageNet run.
 Sampling: EDM Algorithm 2 with the paper's ImageNet settings (Table 5):
@@ -28,7 +29,7 @@ def get_config(arg: str = ""):
                  use_scale_shift_norm=True, resblock_updown=True, num_groups=32, cond_dim=0,
                  dtype="float32", remat=False)
   batch = 4096
-  c.optim.update(name="adam", lr=2e-4, b1=0.9, b2=0.999, eps=1e-8,
+  c.optim.update(name="adam", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8,
                  warmup_steps=10_000_000 // batch)
   c.ema.update(halflife_kimg=50_000.0, rampup_ratio=0.05)
   c.training.update(batch_size=batch, num_steps=2_500_000_000 // batch, log_every=100,

@@ -4,7 +4,7 @@ import tempfile
 
 import pytest
 
-from configs import digits_edm
+from configs import digits_edm, digits_vp
 from cm_jax.train import loop
 
 
@@ -13,6 +13,15 @@ def tiny_edm_run(tmp_path_factory):
   """A 4-step tiny digits EDM run (checkpoints at steps 2 and 4): (config, workdir, state)."""
   workdir = str(tmp_path_factory.mktemp("tiny_edm_run"))
   config = digits_edm.get_config("tiny")
+  state = loop.train(config, workdir, progress=False)
+  return config, workdir, state
+
+
+@pytest.fixture(scope="session")
+def tiny_vp_run(tmp_path_factory):
+  """A 4-step tiny digits VP v-prediction run with label dropout: (config, workdir, state)."""
+  workdir = str(tmp_path_factory.mktemp("tiny_vp_run"))
+  config = digits_vp.get_config("tiny")
   state = loop.train(config, workdir, progress=False)
   return config, workdir, state
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm_jax import editing_cli
+from cm_jax.cli import editing as editing_cli
 from cm_jax.diffusion.grids import karras_sigmas
 from cm_jax.diffusion.noise import per_image_keys, per_image_normal
 from cm_jax.diffusion.preconditioning import consistency_scalings, make_denoiser

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cm_testlib import TinyNet, fixed_batch, run_steps, tiny_method, tiny_params
+from cm_jax.conditioning import Conditioning
 from cm_jax.diffusion import preconditioning
 from cm_jax.methods import METHODS, cm_schedules
 from cm_jax.methods.base import LossContext
@@ -150,7 +151,44 @@ def test_cd_refuses_missing_or_mismatched_teacher(tiny_edm_run, tmp_path):
   config = digits_cd.get_config("tiny")
   config.method.teacher_workdir = teacher_dir
   config.model.dropout = 0.2
-  assert "teacher" in ConsistencyDistillation(net, config).load_teacher()
+  assert "teacher" in builders.build_parts(config).method.load_teacher()
+
+
+def test_cd_distils_a_vp_teacher_through_its_adapter(tiny_vp_run):
+  """Teacher != student schedule: a VP v-prediction run teaches a consistency model on the
+  Karras grid; the teacher's D(x; sigma) is its x-prediction at z = alpha x."""
+  vp_config, vp_dir, _ = tiny_vp_run
+  config = digits_cd.get_config("tiny")
+  config.method.teacher_workdir = vp_dir
+  with pytest.raises(ValueError, match="init_from_teacher=False"):
+    builders.build_parts(config).method.load_teacher()
+  config.method.init_from_teacher = False
+  method = builders.build_parts(config).method
+  aux = method.load_teacher()
+  teacher = aux["teacher"]
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  sigma = jnp.array([0.5, 20.0])
+  labels = jnp.array([3, 4])
+  got = method.teacher_denoiser(teacher)(x, sigma, labels)
+  vp = builders.build_parts(vp_config).method
+  logsnr = -2.0 * jnp.log(sigma)  # sigma_ve = sigma_t / alpha_t = exp(-logSNR / 2)
+  alpha = jnp.sqrt(1.0 / (1.0 + jnp.exp(-logsnr)))[:, None, None, None]
+  want = vp.x_prediction(teacher, alpha * x, logsnr, Conditioning(labels=labels))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # The guided teacher: (1 + w) D(x; c) - w D(x; null class).
+  config.method.teacher_guidance = 2.0
+  guided_method = builders.build_parts(config).method
+  guided_method.load_teacher()
+  g = guided_method.teacher_denoiser(teacher)(x, sigma, labels)
+  u = vp.x_prediction(teacher, alpha * x, logsnr, Conditioning(labels=jnp.array([10, 10])))
+  np.testing.assert_allclose(np.asarray(g), np.asarray(3.0 * want - 2.0 * u),
+                             rtol=1e-4, atol=1e-4)
+  # One CD loss on the VP teacher's Heun step.
+  params = builders.init_params(builders.build_parts(config), config, jax.random.key(0))
+  batch, _ = fixed_batch(config)
+  loss, _ = jax.jit(method.loss)(params, batch, jax.random.key(0),
+                                 LossContext(step=jnp.asarray(0), teacher_params=aux))
+  assert np.isfinite(float(loss)) and float(loss) > 0
 
 
 def test_ict_steps_without_target():

@@ -12,7 +12,9 @@ from cm_testlib import micro, save_run, tiny_method, tiny_params
 from cm_jax import sampling
 from cm_jax.diffusion.noise import per_image_normal
 from cm_jax.methods import cm_sampling
-from cm_jax.methods.cm_search import build_metric, search_intermediate_index
+from cm_jax.cli.cm_search import build_metric
+from cm_jax.eval.fid import pixel_frechet_distance
+from cm_jax.methods.cm_search import search_intermediate_index
 from cm_jax.methods.consistency import ConsistencyTraining
 from configs import digits_ct
 
@@ -111,7 +113,7 @@ def test_search_intermediate_index_and_pixel_metric(ct_run):
   metric, name = build_metric("pixel", ct_run[0], ref_num=200)
   assert "fallback" in name and np.isfinite(metric(_gen(ct_run, 4, 4, 1)))
   ref = np.random.default_rng(0).integers(0, 256, (64, 2, 2, 1)).astype(np.uint8)
-  assert abs(cm_sampling.pixel_frechet_distance(ref)(ref)) < 1e-6
+  assert abs(pixel_frechet_distance(ref)(ref)) < 1e-6
   best, _, _ = search_intermediate_index(lambda ts: np.full((4, 1, 1, 1), ts[1], np.uint8),
                                          lambda imgs: abs(float(imgs.mean()) - 9), (0,), (17,),
                                          log=None)

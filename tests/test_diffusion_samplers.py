@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cm_jax.conditioning import Conditioning
 from cm_jax.diffusion.grids import append_zero, karras_sigmas
 from cm_jax.diffusion.preconditioning import make_denoiser
 from cm_jax.diffusion.samplers import (SAMPLERS, sample_edm_stochastic, sample_euler,
@@ -184,19 +185,36 @@ def test_stochastic_with_churn_is_distributionally_right():
   np.testing.assert_allclose(sub, out[np.asarray(idx)], rtol=1e-5, atol=1e-6)
 
 
-def test_labels_and_cond_pass_through():
+def test_conditioning_passes_through_unopened():
   seen = []
+  cond = Conditioning(labels=jnp.array([1, 2]), vector=jnp.array([[3.0], [4.0]]))
 
-  def den(x, sigma, labels=None, cond=None):
-    seen.append((labels, cond))
+  def den(x, sigma, c=None):
+    seen.append(c)
     return gauss_denoiser(x, sigma)
 
   grid = append_zero(karras_sigmas(3))
   for name in SAMPLERS:
     seen.clear()
-    SAMPLERS[name](den, _x_T(batch=2), grid, jax.random.split(jax.random.key(0), 2),
-                   labels=jnp.array([1, 2]), cond=jnp.array([3.0, 4.0]))
-    assert seen and all(l is not None and c is not None for l, c in seen)
+    SAMPLERS[name](den, _x_T(batch=2), grid, jax.random.split(jax.random.key(0), 2), cond)
+    assert seen and all(c is cond for c in seen), name
+
+
+def test_callback_sees_every_step_under_jit():
+  """callback(step, x, denoised, t) once per step, in order, with D's own output."""
+  grid = append_zero(karras_sigmas(4))
+  x_T = _x_T(batch=2)
+  for name in SAMPLERS:
+    got = []
+    cb = lambda i, x, d, t: got.append((int(i), np.asarray(x), np.asarray(d), float(t)))
+    jax.block_until_ready(jax.jit(lambda x: SAMPLERS[name](gauss_denoiser, x, grid,
+                                                           callback=cb))(x_T))
+    jax.effects_barrier()
+    assert [g[0] for g in got] == [0, 1, 2, 3], name
+    np.testing.assert_allclose([g[3] for g in got], np.asarray(grid[:-1]), rtol=1e-6)
+    # The first step's denoised estimate is D(x_T; t_0) itself.
+    np.testing.assert_allclose(got[0][2], np.asarray(gauss_denoiser(x_T, grid[0])),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_nfe_counts():

@@ -36,3 +36,20 @@ def test_table_lists_every_config():
   assert len(lines) == 4 and "train img/s" in lines[0]
   assert "digits_edm.py:tiny" in lines[2] and "650.0" in lines[2] and "1.00 GiB (rss)" in lines[2]
   assert "error: timeout" in lines[3]
+
+
+def test_compare_table_and_helpers():
+  bench = _bench()
+  assert bench.split_spec("configs/digits_edm.py:tiny@20", 5) == ("configs/digits_edm.py:tiny", 20)
+  assert bench.split_spec("configs/digits_edm.py", 5) == ("configs/digits_edm.py", 5)
+  assert bench.error_line("Traceback\nKeyError: 'teacher'\n----\nFor simplicity, JAX ...", 1) \
+      == "KeyError: 'teacher'"
+  run = lambda ms, img: dict(train_step_s=ms / 1e3, sample_img_s=img, train_compile_s=30.0,
+                             sample_compile_s=5.0)
+  s = bench.compare_summary("configs/digits_edm.py:tiny", [run(50, 100), run(55, 90)],
+                            [run(52, 95), run(60, 99)], "")
+  assert s["step_ms"]["ref"] == 50 and s["step_ms"]["new"] == 52
+  assert abs(s["step_ms"]["ratio"] - 1.04) < 1e-9 and s["sample_img_s"]["ratio"] == 0.99
+  assert abs(s["noise"] - 60 / 52 + 1) < 1e-9 and not s["errors"]
+  lines = bench.format_compare([s]).splitlines()
+  assert len(lines) == 3 and "new/ref" in lines[0] and "1.040" in lines[2] and "15%" in lines[2]

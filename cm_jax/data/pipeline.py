@@ -24,6 +24,7 @@ import numpy as np
 
 from cm_jax.data import sources
 from cm_jax.data.sources import DatasetInfo, cfg_get
+from cm_jax.utils import images as images_lib
 
 STATE_VERSION = 1
 
@@ -44,11 +45,8 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32, copy=False)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Inverse of ``to_model_range`` for float images; uint8 passes through."""
-  if images.dtype == np.uint8:
-    return images
-  return np.clip(np.round((images.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+# Inverse of ``to_model_range`` for float images; uint8 passes through (cm_jax.utils.images).
+to_uint8 = images_lib.to_uint8
 
 
 class FinalizeBatch(grain.transforms.Map):

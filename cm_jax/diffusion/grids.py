@@ -52,3 +52,31 @@ def append_zero(sigmas) -> jnp.ndarray:
   """Appends the final level sigma_N = 0 of EDM eq. 5 (same dtype as `sigmas`)."""
   sigmas = jnp.asarray(sigmas)
   return jnp.concatenate([sigmas, jnp.zeros((1,), dtype=sigmas.dtype)])
+
+
+def karras_sigma_at(u, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0) -> jnp.ndarray:
+  """EDM eq. 5 at a fraction u = i/(N-1) of the way down the grid (float32):
+
+    sigma(u) = (sigma_max^(1/rho) + u (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+
+  so u = 0 -> sigma_max and u = 1 -> sigma_min; u may be any (traced) array.
+  The endpoints are exact: sigma(0) == float32(sigma_max) and sigma(1) ==
+  float32(sigma_min) bit for bit (the boundary condition of a consistency
+  function at sigma_min relies on this). Between them the float32 value
+  differs from `karras_sigmas`' float64-then-rounded one by a few ulp.
+  """
+  u = jnp.asarray(u, jnp.float32)
+  if _is_concrete(sigma_min, sigma_max, rho):
+    lo = float(sigma_min) ** (1.0 / float(rho))
+    hi = float(sigma_max) ** (1.0 / float(rho))
+  else:
+    lo = jnp.asarray(sigma_min, jnp.float32) ** (1.0 / rho)
+    hi = jnp.asarray(sigma_max, jnp.float32) ** (1.0 / rho)
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  sig = (hi + u * (lo - hi)) ** jnp.asarray(rho, jnp.float32)
+  smin = jnp.asarray(sigma_min, jnp.float32)
+  smax = jnp.asarray(sigma_max, jnp.float32)
+  sig = jnp.where(u == 0, smax, jnp.where(u == 1, smin, sig))
+  return sig.astype(jnp.float32)

@@ -1,12 +1,19 @@
 """Diffusion samplers with one k-diffusion-style signature:
 
-  sample_<name>(denoise, x_T, grid, rng=None, labels=None, cond=None, **options) -> x_0
+  sample_<name>(denoise, x_T, grid, rng=None, cond=None, callback=None, **options) -> x_0
 
 * `grid` holds the noise levels t_0 > t_1 > ... > t_N, normally with the
   trailing zero t_N = 0 of EDM eq. 5 (e.g. `append_zero(karras_sigmas(18))`):
   N = len(grid) - 1 steps.
 * `x_T` is already scaled by grid[0] (x_T = grid[0] * standard normal).
-* `denoise(x, sigma (B,), labels, cond) -> D(x; sigma)` (see `make_denoiser`).
+* `denoise(x, sigma (B,), cond) -> D(x; sigma)` (see `make_denoiser`), `cond` a
+  `cm_jax.conditioning.Conditioning` (or the labels, or None), passed through unopened.
+* `callback`, when given, is called as callback(step, x, denoised, t) after each step's
+  first denoiser evaluation, through `jax.debug.callback`, so it works under `jit` (OLSS
+  records trajectories with it; progress bars can use it).
+* Every grid is in VE coordinates (x = z / alpha, sigma = sigma_t / alpha_t), so a VP,
+  discrete or latent teacher samples here through its adapter
+  (`cm_jax.diffusion.parameterization.make_schedule_denoiser`).
 * `rng`, when used, is an array of per-image keys (B,) (see `noise.py`), so a
   sample never depends on the batch it was drawn in.
 
@@ -23,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from cm_jax.diffusion.noise import per_image_normal
-from cm_jax.diffusion.solvers import _euler, _heun_correction, euler_step
+from cm_jax.diffusion.solvers import _euler, _heun_correction
 
 _F32 = jnp.float32
 
@@ -35,47 +42,63 @@ def _grid(grid):
   return g
 
 
-def _heun_scalar(denoise, x, t_cur, t_next, labels, cond):
-  """EDM Alg. 1 lines 4-8 for scalar levels; the correction runs only if t_next != 0."""
-  x_e, d = _euler(denoise, x, t_cur, t_next, labels, cond)
+def _heun_after_euler(denoise, x, x_e, d, t_cur, t_next, cond):
+  """EDM Alg. 1 lines 6-8 for scalar levels; the correction runs only if t_next != 0."""
   # If the sampler is vmapped, cond becomes a select that runs both branches:
   # a dummy t_next = 1 keeps the discarded correction free of inf/nan.
   t_safe = jnp.where(t_next != 0, t_next, 1.0)
   return jax.lax.cond(
       t_next != 0,
-      lambda: _heun_correction(denoise, x, x_e, d, t_cur, t_safe, labels, cond),
+      lambda: _heun_correction(denoise, x, x_e, d, t_cur, t_safe, cond, None),
       lambda: x_e)
 
 
-def sample_euler(denoise, x_T, grid, rng=None, labels=None, cond=None):
+def _report(callback, i, x, x_e, d, t_cur):
+  """callback(step, x, denoised, t): the denoised estimate is x - t d (d = the step's slope)."""
+  if callback is not None:
+    jax.debug.callback(callback, i, x, x - t_cur * d, t_cur, ordered=True)
+
+
+def sample_euler(denoise, x_T, grid, rng=None, cond=None, callback=None):
   """Deterministic Euler sampler: EDM Algorithm 1 without its 2nd-order correction
   (lines 4-5 only). N = len(grid) - 1 network evaluations. `rng` is unused."""
   del rng
   g = _grid(grid)
 
-  def body(x, ts):
-    return euler_step(denoise, x, ts[0], ts[1], labels, cond), None
+  def body(x, inp):
+    i, t_cur, t_next = inp
+    x_e, d = _euler(denoise, x, t_cur, t_next, cond, None)
+    _report(callback, i, x, x_e, d, t_cur)
+    return x_e, None
 
-  x, _ = jax.lax.scan(body, jnp.asarray(x_T).astype(_F32), (g[:-1], g[1:]))
+  steps = jnp.arange(g.shape[0] - 1, dtype=jnp.int32)
+  x, _ = jax.lax.scan(body, jnp.asarray(x_T).astype(_F32), (steps, g[:-1], g[1:]))
   return x
 
 
-def sample_heun(denoise, x_T, grid, rng=None, labels=None, cond=None):
+def sample_ddim(denoise, x_T, grid, rng=None, cond=None, callback=None):
+  """DDIM (Song, Meng, Ermon 2021, eq. 12 with eta = 0) in VE coordinates:
+
+    x_s = x_hat + (sigma_s / sigma_t) (x_t - x_hat),   x_hat = D(x_t; sigma_t),
+
+  which is z_s = alpha_s x_hat + sigma_s eps_hat divided by alpha_s. It is the Euler step
+  of the PF ODE in these coordinates (Karras et al. 2022, Sec. 3 / k-diffusion), written
+  as DDIM so that a last level of 0 returns x_hat, the final `i == 0` step of
+  diffusion_distillation's `ddim_step`. N = len(grid) - 1 network evaluations.
+  """
+  return sample_euler(denoise, x_T, grid, rng, cond, callback)
+
+
+def sample_heun(denoise, x_T, grid, rng=None, cond=None, callback=None):
   """Deterministic Heun sampler, EDM Algorithm 1 (sigma(t) = t, s(t) = 1).
 
   2N - 1 network evaluations when grid[-1] == 0 (2N otherwise). `rng` is unused.
   """
   del rng
-  g = _grid(grid)
-
-  def body(x, ts):
-    return _heun_scalar(denoise, x, ts[0], ts[1], labels, cond), None
-
-  x, _ = jax.lax.scan(body, jnp.asarray(x_T).astype(_F32), (g[:-1], g[1:]))
-  return x
+  return sample_edm_stochastic(denoise, x_T, grid, None, cond, callback)
 
 
-def sample_edm_stochastic(denoise, x_T, grid, rng, labels=None, cond=None,
+def sample_edm_stochastic(denoise, x_T, grid, rng=None, cond=None, callback=None,
                           s_churn: float = 0.0, s_min: float = 0.0,
                           s_max: float = float("inf"), s_noise: float = 1.0):
   """EDM Algorithm 2: stochastic sampler with "churn" (sigma(t) = t, s(t) = 1).
@@ -109,14 +132,21 @@ def sample_edm_stochastic(denoise, x_T, grid, rng, labels=None, cond=None,
       x_hat = x + t_cur * jnp.sqrt(gamma * (2.0 + gamma)) * eps
     else:
       x_hat = x
-    return _heun_scalar(denoise, x_hat, t_hat, t_next, labels, cond), None
+    x_e, d = _euler(denoise, x_hat, t_hat, t_next, cond, None)
+    _report(callback, i, x_hat, x_e, d, t_hat)
+    return _heun_after_euler(denoise, x_hat, x_e, d, t_hat, t_next, cond), None
 
   steps = jnp.arange(n, dtype=jnp.int32)
   x, _ = jax.lax.scan(body, x_T, (steps, g[:-1], g[1:]))
   return x
 
 
+# DPM-Solver++(2M) lives in its own module; imported here so every sampler has one registry.
+from cm_jax.diffusion.vp_samplers import sample_dpmpp_2m  # noqa: E402  pylint: disable=g-import-not-at-top
+
 SAMPLERS = {
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
     "heun": sample_heun,
     "edm_stochastic": sample_edm_stochastic,
@@ -131,6 +161,6 @@ def sampler_nfe(name: str, num_steps: int) -> int:
     raise ValueError(f"unknown sampler {name!r}; known: {sorted(SAMPLERS)}")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  if name == "euler":
+  if name in ("euler", "ddim", "dpmpp_2m"):
     return int(num_steps)
   return 2 * int(num_steps) - 1

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cm_jax.eval.stats import FeatureStats, to_host
+from cm_jax.utils import sharding as sharding_lib
 
 
 @dataclasses.dataclass
@@ -72,9 +73,8 @@ def build_detector(name: str, **kwargs) -> Detector:
 def make_apply_fn(detector: Detector, mesh=None):
   if mesh is None:
     return jax.jit(detector.apply)
-  from cm_jax.train import parallel  # pylint: disable=g-import-not-at-top
-  split = parallel.batch_sharding(mesh)
-  return jax.jit(detector.apply, in_shardings=(parallel.replicated(mesh), split),
+  split = sharding_lib.batch_sharding(mesh)
+  return jax.jit(detector.apply, in_shardings=(sharding_lib.replicated(mesh), split),
                  out_shardings=split)
 
 
@@ -90,11 +90,10 @@ def extract(detector: Detector, images: np.ndarray, *, batch_size: Optional[int]
   batch_size = int(batch_size or detector.batch_size)
   params = detector.params
   if mesh is not None:
-    from cm_jax.train import parallel  # pylint: disable=g-import-not-at-top
-    devices = parallel.batch_divisor(mesh)
+    devices = sharding_lib.batch_divisor(mesh)
     batch_size = max(devices, batch_size - batch_size % devices)
-    params = jax.device_put(params, parallel.replicated(mesh))
-    sharding = parallel.batch_sharding(mesh)
+    params = jax.device_put(params, sharding_lib.replicated(mesh))
+    sharding = sharding_lib.batch_sharding(mesh)
   batch_size = min(batch_size, n) if mesh is None else batch_size
   fn = apply_fn or make_apply_fn(detector, mesh)
   stats = FeatureStats(keep_features=keep_features, max_keep=max_keep)

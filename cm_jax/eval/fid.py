@@ -42,3 +42,18 @@ def fid_from_stats(stats_a, stats_b) -> float:
   a = stats_a.mu_sigma() if hasattr(stats_a, "mu_sigma") else stats_a
   b = stats_b.mu_sigma() if hasattr(stats_b, "mu_sigma") else stats_b
   return frechet_distance(a[0], a[1], b[0], b[1])
+
+
+def pixel_frechet_distance(reference_uint8):
+  """FALLBACK metric: Frechet distance between Gaussians fitted to raw PIXELS (uint8 NHWC
+  -> flattened [0, 1] vectors) of generated and reference images. Not FID (no Inception
+  features); only meaningful for comparing samplers of one model on tiny images (what
+  `python -m cm_jax.cli.cm_search --detector pixel` uses)."""
+  ref = np.asarray(reference_uint8, np.float64).reshape(len(reference_uint8), -1) / 255.0
+  mu_r, cov_r = ref.mean(0), np.cov(ref, rowvar=False)
+
+  def metric(images_uint8) -> float:
+    x = np.asarray(images_uint8, np.float64).reshape(len(images_uint8), -1) / 255.0
+    return frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu_r, cov_r)
+
+  return metric

@@ -38,6 +38,7 @@ import dataclasses
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from flax import traverse_util
 
 Path = Tuple[str, ...]
 FlatParams = Dict[Path, np.ndarray]
@@ -105,25 +106,15 @@ def permute_qkv(a: np.ndarray, heads: int, src: str, dst: str, axis: int = -1) -
 
 # ---- flat trees -------------------------------------------------------------------------------
 
-def flatten(tree, prefix: Path = ()) -> FlatParams:
-  """Nested dict of arrays -> {path tuple: numpy array} (jax arrays are copied to host)."""
-  out: FlatParams = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = np.asarray(v)
-  return out
+def flatten(tree, to_numpy: bool = True) -> FlatParams:
+  """Nested dict of arrays -> {path tuple: leaf} (flax.traverse_util.flatten_dict); leaves
+  become numpy arrays (jax arrays are copied to host) unless `to_numpy` is False."""
+  flat = traverse_util.flatten_dict(tree)
+  return {p: np.asarray(v) for p, v in flat.items()} if to_numpy else flat
 
 
 def unflatten(flat: FlatParams) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
+  return traverse_util.unflatten_dict(flat)
 
 
 def check_against(flat: FlatParams, expected: FlatParams, what: str) -> None:

@@ -8,11 +8,11 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from cm_jax import runs
 from cm_jax.interop import name_maps
 from cm_jax.train import builders
 from cm_jax.train import ema as ema_lib
-from cm_jax.train.checkpoint import RunCheckpoints, checkpoint_dir, load_config
-from cm_jax.train.restore import restore_train_state
+from cm_jax.train.checkpoint import RunCheckpoints, checkpoint_dir
 from cm_jax.train.state import create_train_state
 
 
@@ -20,8 +20,7 @@ def expected_params(config) -> name_maps.FlatParams:
   """Flat shapes/dtypes of the network the config builds (nothing is allocated)."""
   parts = builders.build_parts(config)
   shapes = jax.eval_shape(lambda: builders.init_params(parts, config, jax.random.key(0)))
-  return {tuple(getattr(k, "key", str(k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  return name_maps.flatten(shapes, to_numpy=False)
 
 
 def to_network_params(params, config, what: str = "imported parameters"):
@@ -56,11 +55,8 @@ def save_imported_run(workdir: str, params, config, step: int = 0,
 
 def load_run_params(workdir: str, which: Optional[str] = None,
                     step: Optional[int] = None) -> Tuple[dict, object, int, str]:
-  """(params, config, step, name of the copy) of a run; `which` as sample.py's --params
-  (default: the config's sample.params)."""
-  config = load_config(workdir, step)
-  parts = builders.build_parts(config)
-  state, got_step = restore_train_state(workdir, config, parts, step)
-  which = which or config.sample.get("params", "ema")
-  params = builders.params_for_sampling(state, which, config.ema)
-  return jax.device_get(params), config, got_step, which
+  """(params on the host, config, step, `which`) of a run; `which` as sample.py's --params
+  (default: the config's sample.params). Only that copy is read (cm_jax.runs.load_run)."""
+  run = runs.load_run(workdir, which, step)
+  which = which or run.config.sample.get("params", "ema")
+  return jax.device_get(run.params), run.config, run.step, which

@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional, Protocol
 
 import jax
 
+from cm_jax.conditioning import as_conditioning, guidance_embedding
+
 Params = Any
 
 
@@ -19,15 +21,20 @@ Params = Any
 class LossContext:
   """What a loss may read besides the online parameters and the batch.
 
-  Registered as a pytree so it can cross `jax.jit`; `step` is traced.
+  Registered as a pytree so it can cross `jax.jit`; `step` and `round` are traced.
+  `round` is the index of the current round (int32 scalar) for a method with
+  rounds, else None; `teacher_params` then holds the round's teacher under
+  'teacher' (see the hooks below).
   """
   step: jax.Array
   target_params: Optional[Params] = None
   teacher_params: Optional[Params] = None
+  round: Optional[jax.Array] = None
 
 
 jax.tree_util.register_dataclass(
-    LossContext, data_fields=["step", "target_params", "teacher_params"], meta_fields=[])
+    LossContext, data_fields=["step", "target_params", "teacher_params", "round"],
+    meta_fields=[])
 
 
 class Method(Protocol):
@@ -52,6 +59,36 @@ class Method(Protocol):
   #   initial_params(self, params, teacher_params) -> Params
   #       the starting weights (e.g. the teacher's); teacher_params is None
   #       when only shapes are being traced.
+  #
+  # Rounds (progressive distillation, Salimans & Ho 2022 Algorithm 2; the trainer's
+  # side is cm_jax.train.rounds):
+  #   rounds(self) -> (num_rounds, steps_per_round)
+  #       the method trains in rounds; the run is num_rounds * steps_per_round
+  #       steps (config.training.num_steps is not used; --steps may stop it
+  #       earlier). Round r covers steps [r * steps_per_round, (r+1) * steps_per_round).
+  #       ctx.round is r, ctx.teacher_params['teacher'] the round's teacher, merged
+  #       into load_teacher()'s result, which must then be a dict of named networks
+  #       without a 'teacher' key (or None).
+  #   start_round(self, round_index, params, teacher) -> (student, teacher)
+  #       the student's starting weights and the teacher of round `round_index`.
+  #       Round 0: `params` are the initial weights (after initial_params) and
+  #       `teacher` is load_teacher()'s result (None when only shapes are traced),
+  #       called inside jax.jit. Round r >= 1: `params` are the student at the end of
+  #       round r-1 and `teacher` that round's teacher, called once on the host.
+  #       Both results must have the shapes of `params`. Default (Algorithm 2):
+  #       (params, params), the student continues and the teacher is the last student.
+  #       At every round start the trainer also restarts the optimizer
+  #       (optimizer.init: its step count, hence the learning-rate schedule, begins
+  #       again) and resets every EMA copy and the target network to the new student.
+  #
+  # Fitting instead of training (a method with no loss, e.g. OLSS; the trainer's
+  # side is cm_jax.train.fit):
+  #   fit(self, teacher_params, rng, data_iterator) -> Params
+  #       the fitted parameter pytree (arrays); teacher_params is load_teacher()'s
+  #       result or None; data_iterator yields training batches, built on first use.
+  #   abstract_fit_params(self) -> Params
+  #       the shapes of fit's result (jax.ShapeDtypeStruct leaves), so readers of
+  #       the run (sample.py, evaluate.py) can restore it without fitting again.
 
   def sample(self, params: Params, noise: jax.Array, keys: jax.Array,
              labels: Optional[jax.Array], num_steps: int, **options) -> jax.Array:
@@ -60,10 +97,33 @@ class Method(Protocol):
 
 def network_fn(net, params: Params, *, train: bool = False,
                dropout_rng: Optional[jax.Array] = None) -> Callable:
-  """Binds a Flax network to parameters: (x, noise_cond, labels, cond) -> output."""
+  """Binds a Flax network to parameters: (x, noise_cond, cond, vector) -> output.
 
-  def apply(x, noise_cond, labels=None, cond=None):
+  `cond` is a `Conditioning` (or, from older call sites, the labels array or None) and is
+  opened here, the one place that knows how each field reaches the network: labels as
+  labels, a guidance strength w as `guidance_embedding(w, net.cond_dim)` in the network's
+  extra-conditioning vector (the zero-initialised `cond_emb` layer of the ADM UNet, so a
+  student that gains w starts as its teacher), text context as `context` when the network
+  takes one.
+  """
+
+  def apply(x, noise_cond, cond=None, vector=None):
+    c = as_conditioning(cond, vector)
+    extra = c.vector
+    if c.w is not None:
+      dim = int(getattr(net, "cond_dim", 0) or 0)
+      if dim <= 0:
+        raise ValueError("this network has no guidance-strength input (model.cond_dim = 0); "
+                         "it cannot take Conditioning.w")
+      if extra is not None:
+        raise ValueError("Conditioning.w and Conditioning.vector both feed model.cond_dim; "
+                         "pass one of them")
+      extra = guidance_embedding(c.w, dim)
+    kwargs = {}
+    if c.context is not None:
+      kwargs.update(context=c.context, context_mask=c.context_mask)
     rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
-    return net.apply({"params": params}, x, noise_cond, labels, cond, train=train, rngs=rngs)
+    return net.apply({"params": params}, x, noise_cond, c.labels, extra, train=train,
+                     rngs=rngs, **kwargs)
 
   return apply

@@ -45,6 +45,7 @@ import numpy as np
 
 from cm_jax.diffusion.noise import per_image_normal
 from cm_jax.methods import cm_editing_ops as ops
+from cm_jax.methods import cm_sampling
 
 ConsistencyFn = Callable[..., jax.Array]
 _F32 = jnp.float32
@@ -64,19 +65,10 @@ def sigmas_from_indices(ts: Sequence[int], num_points: int = 40, sigma_min: floa
   trailing level equal to sigma_min is dropped (f(x, sigma_min) = x), unless it
   is the only one. Returns float32 numpy (host) values.
   """
-  ts = [int(t) for t in ts]
   n = int(num_points)
-  if n < 2:
-    raise ValueError(f"the grid needs at least 2 points, got {num_points}")
-  if not ts:
-    raise ValueError("ts is empty")
-  if any(t < 0 or t > n - 1 for t in ts):
-    raise ValueError(f"ts indices must lie in [0, {n - 1}] for a {n}-point grid; got {ts}")
-  if any(b <= a for a, b in zip(ts, ts[1:])):
-    raise ValueError(f"ts indices must be strictly increasing; got {ts}")
-  i = np.asarray(ts, np.float64)
-  hi, lo = float(sigma_max) ** (1.0 / rho), float(sigma_min) ** (1.0 / rho)
-  sig = np.clip((hi + i / (n - 1) * (lo - hi)) ** rho, sigma_min, sigma_max)
+  ts = cm_sampling.check_ts(ts, n, min_len=1)
+  sig = np.clip(cm_sampling.karras_levels(ts, n, sigma_min, sigma_max, rho), sigma_min,
+                sigma_max)
   if len(ts) > 1 and ts[-1] == n - 1:
     sig = sig[:-1]
   return sig.astype(np.float32)
@@ -105,33 +97,15 @@ def _iterate(consistency_fn: ConsistencyFn, x_start, keys, sigmas, *, project=No
   """x <- project(clip(f(x, t_1))); then for n >= 2: x <- x + sqrt(t_n^2 - eps^2) z_n,
   x <- project(clip(f(x, t_n))). `x_start` is already at level t_1.
 
-  Steps are a lax.scan over `sigmas`; z_n = per_image_normal(keys, ..., step=n),
-  with step 0 reserved for the initial noise of the callers.
+  CM Algorithm 1's loop (cm_sampling.multistep_loop) on the levels (t_1, .., t_N, eps):
+  the last pair adds no noise. z_n = per_image_normal(keys, ..., step=n), with step 0
+  reserved for the initial noise of the callers.
   """
   sigmas = _check_sigmas(sigmas)
-  eps = jnp.asarray(sigma_min, _F32)
-  shape = x_start.shape[1:]
-  project = project if project is not None else (lambda x: x)
-
-  def denoise(x, t):
-    x0 = consistency_fn(x, jnp.full((x.shape[0],), t, _F32), labels)
-    x0 = jnp.asarray(x0, _F32)
-    if clip_denoised:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-    return project(x0)
-
-  x = denoise(x_start, sigmas[0])
-
-  def step(x, inp):
-    n, t = inp
-    std = jnp.sqrt(jnp.maximum(t * t - eps * eps, 0.0))
-    x = x + std * per_image_normal(keys, shape, step=n)
-    return denoise(x, t), None
-
-  if sigmas.shape[0] > 1:
-    idx = jnp.arange(1, sigmas.shape[0], dtype=jnp.int32)
-    x, _ = jax.lax.scan(step, x, (idx, sigmas[1:]))
-  return x
+  levels = jnp.concatenate([sigmas, jnp.full((1,), sigma_min, _F32)])
+  return cm_sampling.multistep_loop(
+      consistency_fn, x_start, keys, levels, labels=labels, project=project,
+      sigma_min=sigma_min, clip=clip_denoised, first_noise_step=1)
 
 
 def zero_shot_edit(consistency_fn: ConsistencyFn, reference, keys, sigmas,

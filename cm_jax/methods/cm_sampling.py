@@ -12,7 +12,8 @@
   the references' `--ts 0,22,39 --steps 40` (ImageNet 64 CD) or `ts = [0, 11, 17]` on
   the 18-point CIFAR-10 grid (consistency_models_cifar10 notebook).
 * `ternary_search`: the references' search for the best intermediate index of a
-  two-step sampler (scripts/ternary_search.py) by a quality metric (lower is better).
+  two-step sampler (scripts/ternary_search.py) by a quality metric (lower is better);
+  its command line is cm_jax.cli.cm_search, the pixel metric cm_jax.eval.fid.
 
 Every z_i comes from the image's own key (per_image_normal(keys, .., step=i)), so an
 image does not depend on the batch it is drawn in.
@@ -25,36 +26,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm_jax.diffusion.grids import karras_sigmas
 from cm_jax.diffusion.noise import per_image_normal
 
 _F32 = jnp.float32
 
 
-def karras_levels(indices: Sequence[int], grid_points: int, sigma_min: float = 0.002,
-                  sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
-  """EDM eq. 5 levels at integer `indices` of a `grid_points`-level descending grid (float64)."""
-  idx = np.asarray(indices, np.float64)
-  if grid_points < 2:
-    raise ValueError(f"grid_points must be >= 2, got {grid_points}")
-  if np.any(idx < 0) or np.any(idx > grid_points - 1):
-    raise ValueError(f"ts indices {list(indices)} must lie in [0, {grid_points - 1}]")
-  hi, lo = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
-  return (hi + idx / (grid_points - 1) * (lo - hi)) ** rho
-
-
-def check_ts(ts: Sequence[int], grid_points: int) -> tuple[int, ...]:
+def check_ts(ts: Sequence[int], grid_points: int, *, min_len: int = 2) -> tuple[int, ...]:
+  """The one check of grid indices `ts` (sampling, editing, karras_levels): at least
+  `min_len` of them (2 = one sampling step), each in [0, grid_points - 1], strictly
+  increasing (decreasing noise). Returns them as a tuple of ints; ValueError otherwise."""
   ts = tuple(int(t) for t in ts)
-  if len(ts) < 2:
-    raise ValueError(f"ts needs at least two indices (one step), got {ts}")
+  if int(grid_points) < 2:
+    raise ValueError(f"grid_points must be >= 2, got {grid_points}")
+  if len(ts) < min_len:
+    raise ValueError(f"ts needs at least two indices (one step), got {ts}" if min_len >= 2
+                     else "ts is empty")
+  if any(t < 0 or t > grid_points - 1 for t in ts):
+    raise ValueError(f"ts {ts} must lie in [0, {grid_points - 1}] for a {grid_points}-point grid")
   if any(b <= a for a, b in zip(ts, ts[1:])):
     raise ValueError(f"ts indices must increase strictly (decreasing noise), got {ts}")
-  if ts[0] < 0 or ts[-1] > grid_points - 1:
-    raise ValueError(f"ts {ts} must lie in [0, {grid_points - 1}] for a {grid_points}-point grid")
   return ts
 
 
+def karras_levels(indices: Sequence[int], grid_points: int, sigma_min: float = 0.002,
+                  sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
+  """EDM eq. 5 levels at integer `indices` (checked by check_ts) of a `grid_points`-level
+  descending grid: grids.karras_sigmas (evaluated in float64, rounded once to float32),
+  returned as float64 NumPy."""
+  idx = check_ts(indices, grid_points, min_len=1)
+  with jax.ensure_compile_time_eval():  # host values even when called while tracing a jit
+    grid = np.asarray(karras_sigmas(int(grid_points), sigma_min, sigma_max, rho), np.float64)
+  return grid[list(idx)]
+
+
 def even_ts(num_steps: int, grid_points: int) -> tuple[int, ...]:
-  """num_steps + 1 indices spread evenly over [0, grid_points - 1] (ends included)."""
+  """num_steps + 1 indices spread evenly over [0, grid_points - 1] (ends included),
+  round(linspace(0, grid_points - 1, num_steps + 1)).
+
+  num_steps must be in [1, grid_points - 1] (else ValueError): then the spacing is >= 1
+  and the rounded indices are distinct and increasing, so the result always has
+  num_steps + 1 entries (the one behaviour for sampling and editing's --steps)."""
   if num_steps < 1 or num_steps > grid_points - 1:
     raise ValueError(f"num_steps must be in [1, {grid_points - 1}] for a {grid_points}-point "
                      f"grid, got {num_steps}")
@@ -68,31 +80,57 @@ def sample_onestep(f: Callable, noise, sigma_max: float, labels=None, cond=None)
                   -1.0, 1.0)
 
 
+def multistep_loop(f: Callable, x, keys, levels, *, labels=None, cond=None, project=None,
+                   sigma_min: float = 0.002, sigma_max: float = float("inf"),
+                   clip: bool = True, first_noise_step: int = 0):
+  """The loop of CM Algorithm 1 (sampling) and Algorithm 4 (editing), one `lax.scan` over
+  the pairs (levels[i], levels[i+1]) of descending `levels` (len >= 2), with x at levels[0]:
+
+    x0 = project(clip(f(x, levels[i])))
+    x  = x0 + sqrt(t^2 - sigma_min^2) z_i,   t = levels[i+1] clipped to [sigma_min, sigma_max]
+
+  z_i = per_image_normal(keys, .., step=first_noise_step + i). Returns the last x:
+  len(levels) - 1 evaluations of f; a last level of sigma_min adds no noise (x = x0).
+  `project` (default none) is editing's replacement of the known part.
+  """
+  lv = jnp.asarray(levels, _F32)
+  if lv.ndim != 1 or lv.shape[0] < 2:
+    raise ValueError(f"levels must be 1-D with at least 2 entries, got shape {lv.shape}")
+  x = jnp.asarray(x, _F32)
+  b = x.shape[0]
+
+  def body(x, inp):
+    i, t, t_next = inp
+    t_b = jnp.full((b,), t, _F32)
+    x0 = jnp.asarray(f(x, t_b, labels) if cond is None else f(x, t_b, labels, cond), _F32)
+    if clip:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+    if project is not None:
+      x0 = project(x0)
+    # eps in float32 like the levels: a last level of sigma_min adds exactly no noise.
+    eps = jnp.asarray(sigma_min, _F32)
+    t_next = jnp.clip(t_next, eps, sigma_max)
+    std = jnp.sqrt(jnp.maximum(t_next * t_next - eps * eps, 0.0))
+    return x0 + std * per_image_normal(keys, x.shape[1:], step=i + first_noise_step), None
+
+  steps = jnp.arange(lv.shape[0] - 1, dtype=jnp.int32)
+  x, _ = jax.lax.scan(body, x, (steps, lv[:-1], lv[1:]))
+  return x
+
+
 def sample_multistep(f: Callable, noise, levels, keys, labels=None, cond=None, *,
                      sigma_min: float = 0.002, sigma_max: float = 80.0, clip: bool = True):
   """CM Algorithm 1 on descending `levels` (len >= 2): len(levels) - 1 evaluations of f.
 
   Starts from levels[0] * noise (= sigma_max z when levels[0] is the first grid level,
   as in the references). `keys` are per-image PRNG keys (B,); step i draws its fresh
-  noise with per_image_normal(keys, .., step=i). A `lax.scan` keeps one compiled f.
+  noise with per_image_normal(keys, .., step=i). One `multistep_loop` (a `lax.scan`
+  keeps one compiled f); the result is clipped to [-1, 1].
   """
   lv = jnp.asarray(levels, _F32)
-  if lv.ndim != 1 or lv.shape[0] < 2:
-    raise ValueError(f"levels must be 1-D with at least 2 entries, got shape {lv.shape}")
   z = jnp.asarray(noise, _F32)
-  b = z.shape[0]
-
-  def body(x, inp):
-    i, t, t_next = inp
-    x0 = f(x, jnp.full((b,), t, _F32), labels, cond)
-    if clip:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-    t_next = jnp.clip(t_next, sigma_min, sigma_max)
-    std = jnp.sqrt(jnp.maximum(t_next * t_next - sigma_min * sigma_min, 0.0))
-    return x0 + std * per_image_normal(keys, x.shape[1:], step=i), None
-
-  steps = jnp.arange(lv.shape[0] - 1, dtype=jnp.int32)
-  x, _ = jax.lax.scan(body, lv[0] * z, (steps, lv[:-1], lv[1:]))
+  x = multistep_loop(f, lv[0] * z, keys, lv, labels=labels, cond=cond, sigma_min=sigma_min,
+                     sigma_max=sigma_max, clip=clip)
   return jnp.clip(x, -1.0, 1.0)
 
 
@@ -131,41 +169,10 @@ def ternary_search(evaluate: Callable[[int], float], lo: int, hi: int,
   return best, cache[best], dict(sorted(cache.items()))
 
 
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-  """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)) (Heusel et al. 2017), in float64 numpy."""
-  import warnings  # pylint: disable=g-import-not-at-top
-  from scipy import linalg  # pylint: disable=g-import-not-at-top
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  cov1, cov2 = np.atleast_2d(cov1).astype(np.float64), np.atleast_2d(cov2).astype(np.float64)
-  with warnings.catch_warnings():  # singular covariances (few samples) are expected here
-    warnings.simplefilter("ignore", linalg.LinAlgWarning)
-    covmean = linalg.sqrtm(cov1 @ cov2)
-    if not np.isfinite(covmean).all():
-      eps = 1e-6 * np.eye(cov1.shape[0])
-      covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
-  covmean = np.real(covmean)
-  diff = mu1 - mu2
-  return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean))
-
-
-def pixel_frechet_distance(reference_uint8) -> Callable[[np.ndarray], float]:
-  """FALLBACK metric: Frechet distance between Gaussians fitted to raw PIXELS (uint8 NHWC
-  -> flattened [0, 1] vectors) of generated and reference images. Not FID (no Inception
-  features); only meaningful for comparing samplers of one model on tiny images."""
-  ref = np.asarray(reference_uint8, np.float64).reshape(len(reference_uint8), -1) / 255.0
-  mu_r, cov_r = ref.mean(0), np.cov(ref, rowvar=False)
-
-  def metric(images_uint8) -> float:
-    x = np.asarray(images_uint8, np.float64).reshape(len(images_uint8), -1) / 255.0
-    return frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu_r, cov_r)
-
-  return metric
-
-
 def nfe(ts: Sequence[int]) -> int:
   """Network evaluations of Algorithm 1 on `ts`: len(ts) - 1."""
   return max(len(tuple(ts)) - 1, 0)
 
 
-__all__ = ["karras_levels", "check_ts", "even_ts", "sample_onestep", "sample_multistep",
-           "ternary_search", "frechet_distance", "pixel_frechet_distance", "nfe"]
+__all__ = ["karras_levels", "check_ts", "even_ts", "sample_onestep", "multistep_loop",
+           "sample_multistep", "ternary_search", "nfe"]

@@ -34,6 +34,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from cm_jax.diffusion.grids import karras_sigma_at
+
 _F32 = jnp.float32
 
 CT_MU_VARIANTS = ("reference", "paper")
@@ -49,13 +51,11 @@ def karras_sigma(index, num_scales, sigma_min: float = 0.002, sigma_max: float =
     sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
 
   descending from sigma_max (i = 0) to sigma_min (i = N-1), float32, the form both
-  reference trainers evaluate for the CD/CT pairs.
+  reference trainers evaluate for the CD/CT pairs: grids.karras_sigma_at(i / (N - 1)).
   """
   i = jnp.asarray(index, _F32)
   n = jnp.asarray(num_scales, _F32)
-  hi = sigma_max ** (1.0 / rho)
-  lo = sigma_min ** (1.0 / rho)
-  return ((hi + i / (n - 1.0) * (lo - hi)) ** rho).astype(_F32)
+  return karras_sigma_at(i / (n - 1.0), sigma_min, sigma_max, rho)
 
 
 # ----------------------------------------------------------------------------- CT (CM paper)

@@ -44,13 +44,59 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cm_jax import runs
+from cm_jax.conditioning import guided_denoiser
 from cm_jax.diffusion import preconditioning, solvers
 from cm_jax.methods import cm_metrics, cm_sampling, cm_schedules
 from cm_jax.methods.base import LossContext, network_fn
+from cm_jax.nets import example_inputs
 
 # Network fields that do not change the parameters: a teacher may differ in these
 # (the reference distils a dropout-0.1 teacher into a dropout-0 student).
 _MODEL_FIELDS_FREE = ("dropout", "dtype", "remat")
+# Network fields that only add layers to the student, which then start fresh.
+_MODEL_FIELDS_NEW_LAYERS = ("cond_dim",)
+# Runs that can teach CD: diffusion methods with a `denoiser(params)` in VE coordinates.
+TEACHER_METHODS = ("edm", "vp")
+_MODEL_DEFAULTS = {"null_class": False, "out_channels_factor": 1}
+
+
+def _model_field(model_cfg, key):
+  """A model field for comparison; fields older runs lack read as their defaults."""
+  v = model_cfg.get(key, _MODEL_DEFAULTS.get(key))
+  return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def teacher_method(tcfg):
+  """The teacher run's own method object (network built from its own model config)."""
+  # Lazy: cm_jax.methods imports this module.
+  from cm_jax.methods import build_method  # pylint: disable=g-import-not-at-top
+  from cm_jax.nets import build_network  # pylint: disable=g-import-not-at-top
+  net = build_network(tcfg.model, image_size=tcfg.data.image_size,
+                      channels=tcfg.data.channels, num_classes=tcfg.data.num_classes)
+  return build_method(net, tcfg)
+
+
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shared_params_mismatch(teacher, student) -> str:
+  """'' when every teacher parameter exists in the student with its shape, else the
+  first offending names (the student may have more: those start fresh)."""
+  t, s = _flat(teacher), _flat(student)
+  bad = [k for k in t if k not in s or tuple(t[k].shape) != tuple(s[k].shape)]
+  return ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+
+
+def init_from(params, teacher):
+  """`params` with every leaf the teacher also has replaced by the teacher's value."""
+  t = _flat(teacher)
+  def pick(path, p):
+    key = "/".join(str(getattr(k, "key", k)) for k in path)
+    return jnp.asarray(t[key], p.dtype) if key in t else p
+  return jax.tree_util.tree_map_with_path(pick, params)
 
 
 def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -70,10 +116,11 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
   )
   if name == "cd":
     common.update(
-        teacher_workdir="",      # EDM run directory (train.py --config configs/<data>_edm.py)
+        teacher_workdir="",      # a diffusion run: configs/<data>_edm.py or <data>_vp.py
         teacher_params="ema",    # which weights of the teacher run: ema | online | an EMA name
         teacher_step=-1,         # teacher checkpoint step; -1 = latest
         init_from_teacher=True,  # the student starts from the teacher's weights (both refs)
+        teacher_guidance=0.0,    # w > 0: distil the guided teacher (1 + w) D_c - w D_u
         solver="heun",           # heun (CM Table 3) | euler
         num_scales=18,           # N: 18 CIFAR-10, 40 ImageNet 64 (CM Table 3)
         target_ema=0.0,          # mu: 0 CIFAR-10, 0.95 ImageNet 64 (CM Table 3)
@@ -234,6 +281,7 @@ class ConsistencyDistillation(_Consistency):
     if int(self.cfg.num_scales) < 2:
       raise ValueError("CD needs num_scales N >= 2")
     self._teacher_precond = None
+    self._teacher_method = None
 
   def uses_target(self) -> bool:
     return float(self.cfg.target_ema) > 0.0
@@ -249,71 +297,97 @@ class ConsistencyDistillation(_Consistency):
     return aux
 
   def _load_teacher_params(self):
-    # Lazy: cm_jax.train builds methods, so it cannot be imported at module level here.
-    from cm_jax.train import builders  # pylint: disable=g-import-not-at-top
-    from cm_jax.train.checkpoint import checkpoint_dir, load_config  # pylint: disable=g-import-not-at-top
-    from cm_jax.train.restore import restore_train_state  # pylint: disable=g-import-not-at-top
     wd = self.cfg.teacher_workdir
     if not wd:
-      raise ValueError("consistency distillation needs an EDM teacher: set "
-                       "--config.method.teacher_workdir=<an EDM run directory>")
-    if not os.path.isdir(checkpoint_dir(wd)):
+      raise ValueError("consistency distillation needs a diffusion teacher: set "
+                       "--config.method.teacher_workdir=<an EDM or VP run directory>")
+    if not os.path.isdir(runs.checkpoint_dir(wd)):
       raise FileNotFoundError(
-          f"CD teacher run {wd!r} has no checkpoints: train the EDM teacher there first "
+          f"CD teacher run {wd!r} has no checkpoints: train the teacher there first "
           f"(python train.py --config configs/<data>_edm.py --workdir {wd}) or point "
           f"--config.method.teacher_workdir at one")
     step = None if int(self.cfg.teacher_step) < 0 else int(self.cfg.teacher_step)
-    tcfg = load_config(wd, step)
+    tcfg = runs.load_config(wd, step)
     self._check_teacher_config(tcfg, wd)
-    state, _ = restore_train_state(wd, tcfg, step=step)
-    params = builders.params_for_sampling(state, self.cfg.teacher_params, tcfg.ema)
-    want = jax.eval_shape(lambda: builders.init_params(builders.build_parts(self.config),
-                                                       self.config, jax.random.key(0)))
-    got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    if jax.tree.structure(want) != jax.tree.structure(got) or any(
-        a.shape != b.shape for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got))):
-      raise ValueError(f"CD teacher {wd!r}: its parameters do not fit the student network "
-                       f"(different architecture); use the teacher's model config")
+    # Only the chosen copy of the teacher's weights is read (cm_jax.runs), not its train state.
+    params = runs.load_run(wd, self.cfg.teacher_params, step).params
+    self._teacher_method = teacher_method(tcfg)
+    if self.cfg.init_from_teacher:
+      want = jax.eval_shape(lambda: self.net.init(
+          {"params": jax.random.key(0)}, *example_inputs(self.config), train=False)["params"])
+      missing = shared_params_mismatch(params, want)
+      if missing:
+        raise ValueError(f"CD teacher {wd!r}: its parameters do not fit the student network "
+                         f"(different architecture: {missing}); use the teacher's model config")
     self._teacher_precond = tcfg.precond
     return params
 
   def _check_teacher_config(self, tcfg, wd: str) -> None:
-    """One-line ValueError when the teacher cannot be distilled into this student."""
+    """One-line ValueError when the teacher cannot be distilled into this student.
+
+    Any diffusion run can teach (EDM, or VP through its VE-coordinate adapter): the teacher
+    is evaluated with its own network, schedule and parameterisation. What must match is
+    the data it models; and, when the student starts from the teacher's weights, the
+    network (except layers only the student has, e.g. a guidance-strength embedding, which
+    start fresh) and the EDM input scalings the student's consistency function feeds it.
+    """
     problems = []
-    if tcfg.method.name != "edm":
-      problems.append(f"method is {tcfg.method.name!r}, not 'edm'")
-    tm = {k: v for k, v in tcfg.model.to_dict().items() if k not in _MODEL_FIELDS_FREE}
-    sm = {k: v for k, v in self.config.model.to_dict().items() if k not in _MODEL_FIELDS_FREE}
-    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
-    for key in sorted(set(tm) | set(sm)):
-      if norm(tm.get(key)) != norm(sm.get(key)):
-        problems.append(f"model.{key} {tm.get(key)!r} != student's {sm.get(key)!r}")
+    if tcfg.method.name not in TEACHER_METHODS:
+      problems.append(f"method is {tcfg.method.name!r}, not one of {TEACHER_METHODS}")
     # config.data.channels shapes the network, so the configs say it without reading data.
     for key in ("image_size", "channels", "num_classes"):
       if tcfg.data.get(key) != self.config.data.get(key):
         problems.append(f"data.{key} {tcfg.data.get(key)!r} != student's "
                         f"{self.config.data.get(key)!r}")
     if self.cfg.init_from_teacher:
+      if tcfg.method.name != "edm":
+        problems.append(f"the student starts from the teacher's weights, but a "
+                        f"{tcfg.method.name!r} network takes other inputs than the student's "
+                        f"EDM scalings; set --config.method.init_from_teacher=False")
+      for key in sorted(set(tcfg.model) | set(self.config.model)):
+        if key in _MODEL_FIELDS_FREE or key in _MODEL_FIELDS_NEW_LAYERS:
+          continue
+        t, st = _model_field(tcfg.model, key), _model_field(self.config.model, key)
+        if t != st:
+          problems.append(f"model.{key} {t!r} != student's {st!r}")
       for key in ("c_noise", "sigma_data"):
         if tcfg.precond.get(key) != self.precond.get(key):
           problems.append(f"precond.{key} {tcfg.precond.get(key)!r} != student's "
                           f"{self.precond.get(key)!r} (the student starts from its weights)")
+    if float(self.cfg.get("teacher_guidance", 0.0) or 0.0):
+      from cm_jax.nets import null_class_index  # pylint: disable=g-import-not-at-top
+      if null_class_index(tcfg.model, tcfg.data.num_classes) is None:
+        problems.append("method.teacher_guidance needs a teacher trained with a null class "
+                        "(model.null_class=True, method.label_dropout > 0)")
     if problems:
       raise ValueError(f"CD teacher {wd!r} does not match the student: " + "; ".join(problems))
 
   def initial_params(self, params, teacher_params):
-    """The teacher's weights (CM Sec. 6 / both references), if loaded and asked for."""
+    """The teacher's weights (CM Sec. 6 / both references), if loaded and asked for; layers
+    the teacher does not have (a new guidance-strength embedding) keep their fresh init."""
     if teacher_params is None or not self.cfg.init_from_teacher:
       return params
     teacher = teacher_params["teacher"] if isinstance(teacher_params, dict) else teacher_params
-    return jax.tree.map(lambda t, p: jnp.asarray(t, p.dtype), teacher, params)
+    return init_from(params, teacher)
 
   def teacher_denoiser(self, teacher):
-    """D(x; sigma) of the frozen EDM teacher (EDM preconditioning, eval mode, no dropout)."""
-    tp = self._teacher_precond or self.precond
-    return preconditioning.make_denoiser(
-        network_fn(self.net, teacher, train=False), parameterization="edm",
-        sigma_data=tp.sigma_data, c_noise=tp.c_noise)
+    """D(x; sigma, cond) of the frozen teacher in eval mode: its own method's denoiser (EDM
+    preconditioning, or a VP network through its adapter), guided with
+    method.teacher_guidance w when set. Without a loaded teacher run (tests that pass
+    weights directly) it is the student's network with EDM preconditioning."""
+    if self._teacher_method is not None:
+      denoise = self._teacher_method.denoiser(teacher)
+      null = getattr(self._teacher_method, "null_class", None)
+    else:
+      tp = self._teacher_precond or self.precond
+      denoise = preconditioning.make_denoiser(
+          network_fn(self.net, teacher, train=False), parameterization="edm",
+          sigma_data=tp.sigma_data, c_noise=tp.c_noise)
+      null = None
+    w = float(self.cfg.get("teacher_guidance", 0.0) or 0.0)
+    if w:
+      denoise = guided_denoiser(denoise, w, null)
+    return denoise
 
   # -- the loss ------------------------------------------------------------------------------
 

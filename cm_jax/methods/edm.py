@@ -13,9 +13,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cm_jax import conditioning as cond_lib
 from cm_jax.diffusion import grids, preconditioning, samplers
 from cm_jax.diffusion.edm_loss import edm_loss
 from cm_jax.methods.base import LossContext, network_fn
+from cm_jax.methods.guidance import check_guidance_setup, sampling_denoiser
 
 
 class EDM:
@@ -29,6 +31,8 @@ class EDM:
     self.cfg = config.method
     self.sample_cfg = config.sample
     self.conditional = config.data.num_classes > 0
+    self.null_class = check_guidance_setup(config)  # label dropout for classifier-free guidance
+    self.label_dropout = float(self.cfg.get("label_dropout", 0.0) or 0.0)
 
   def denoiser(self, params, *, train=False, dropout_rng=None):
     return preconditioning.make_denoiser(
@@ -42,6 +46,12 @@ class EDM:
     noise_rng, dropout_rng = jax.random.split(rng)
     denoise = self.denoiser(params, train=True, dropout_rng=dropout_rng)
     labels = batch["label"] if self.conditional else None
+    if self.label_dropout:
+      # A key of its own, so runs without label dropout keep their noise and dropout keys.
+      cond = cond_lib.drop_labels(cond_lib.Conditioning(labels=labels),
+                                  jax.random.fold_in(rng, 7), self.label_dropout,
+                                  self.null_class)
+      labels = cond
     per_example = edm_loss(
         denoise, batch["image"], noise_rng, labels=labels,
         p_mean=self.cfg.p_mean, p_std=self.cfg.p_std,
@@ -56,7 +66,7 @@ class EDM:
     return jnp.zeros((), jnp.float32)
 
   def sample(self, params, noise, keys, labels: Optional[jax.Array], num_steps: int,
-             sampler: Optional[str] = None, **options):
+             sampler: Optional[str] = None, guidance: float = 0.0, callback=None, **options):
     """EDM sampling from unit `noise` scaled to sigma_max on an `num_steps`-point grid."""
     sampler = sampler or self.sample_cfg.sampler
     if sampler not in samplers.SAMPLERS:
@@ -67,6 +77,8 @@ class EDM:
     if sampler == "edm_stochastic":
       for key in ("s_churn", "s_min", "s_max", "s_noise"):
         options.setdefault(key, self.sample_cfg.get(key))
-    x0 = samplers.SAMPLERS[sampler](self.denoiser(params), x_T, grid, keys,
-                                    labels=labels if self.conditional else None, **options)
+    cond = cond_lib.Conditioning(labels=labels if self.conditional else None)
+    denoise = sampling_denoiser(self.denoiser(params), guidance, self.null_class,
+                                bool(self.sample_cfg.get("clip_denoised", False)))
+    x0 = samplers.SAMPLERS[sampler](denoise, x_T, grid, keys, cond, callback, **options)
     return jnp.clip(x0, -1.0, 1.0)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm_jax.utils.trees import flatten_paths
+
 # (name, output channels) of the VGG16 convolutions; a pool follows each block but the last.
 VGG16_BLOCKS = (
     (("conv1_1", 64), ("conv1_2", 64)),
@@ -119,8 +121,7 @@ def param_shapes() -> dict:
 
 def flatten_params(params) -> dict:
   """Nested params -> {'conv1_1/kernel': array, ...} (the .npz layout)."""
-  return {f"{layer}/{leaf}": np.asarray(v) for layer, leaves in params.items()
-          for leaf, v in leaves.items()}
+  return {name: np.asarray(v) for name, v in flatten_paths(params).items()}
 
 
 def save_params(path: str, params) -> None:

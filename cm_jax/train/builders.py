@@ -9,20 +9,22 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from cm_jax import data as data_lib
-from cm_jax.methods import build_method
+from cm_jax import runs
+from cm_jax.methods import build_method, network_input_shape
 from cm_jax.nets import build_network
+from cm_jax.nets import example_inputs as nets_example_inputs
 from cm_jax.train import ema as ema_lib
+from cm_jax.train import rounds
 from cm_jax.train.optim import build_optimizer
-from cm_jax.train.state import TrainState, create_train_state
+from cm_jax.train.state import TrainState, create_train_state, fitted_train_state
 
 
 @dataclasses.dataclass
 class RunParts:
-  image_shape: tuple[int, int, int]
+  image_shape: tuple[int, int, int]  # what the network takes (and samplers draw noise in)
   net: nn.Module
   method: object
   optimizer: optax.GradientTransformation
@@ -31,10 +33,10 @@ class RunParts:
 def build_parts(config) -> RunParts:
   """Shapes come from the config alone (no data is read), so a dry run, sample.py and
   evaluate.py work without the data set; training checks the data against them."""
-  size, channels = config.data.image_size, config.data.channels
-  net = build_network(config.model, image_size=size, channels=channels,
+  shape = network_input_shape(config)  # the data's, or a latent method's latent shape
+  net = build_network(config.model, image_size=shape[0], channels=shape[-1],
                       num_classes=config.data.num_classes)
-  return RunParts(image_shape=(size, size, channels), net=net,
+  return RunParts(image_shape=shape, net=net,
                   method=build_method(net, config), optimizer=build_optimizer(config.optim))
 
 
@@ -47,12 +49,7 @@ def check_data_matches(config, info: "data_lib.DatasetInfo") -> None:
 
 def example_inputs(parts: RunParts, config, batch: int = 1):
   """Dummy (x, noise_cond, labels, cond) that fix every parameter's shape."""
-  x = jnp.zeros((batch,) + parts.image_shape, jnp.float32)
-  noise_cond = jnp.zeros((batch,), jnp.float32)
-  labels = jnp.zeros((batch,), jnp.int32) if config.data.num_classes > 0 else None
-  cond_dim = config.model.get("cond_dim", 0)
-  cond = jnp.zeros((batch, cond_dim), jnp.float32) if cond_dim else None
-  return x, noise_cond, labels, cond
+  return nets_example_inputs(config, batch, image_shape=parts.image_shape)
 
 
 def init_params(parts: RunParts, config, rng: jax.Array):
@@ -66,24 +63,32 @@ def new_train_state(parts: RunParts, config, rng: jax.Array, teacher_params=None
   start_from = getattr(parts.method, "initial_params", None)
   if start_from is not None:
     params = start_from(params, teacher_params)
+  round_teacher = None
+  if rounds.round_plan(parts.method) is not None:
+    params, round_teacher = rounds.start_round(parts.method, 0, params, teacher_params)
   return create_train_state(params, parts.optimizer, ema_lib.ema_names(config.ema),
-                            parts.method.uses_target())
+                            parts.method.uses_target(), round_teacher=round_teacher)
 
 
 def abstract_train_state(parts: RunParts, config) -> TrainState:
-  """Shapes and dtypes of the train state, without allocating it (jax.eval_shape)."""
+  """Shapes and dtypes of the train state, without allocating it (jax.eval_shape).
+
+  A fitted method's run (cm_jax.train.fit) holds only the fitted pytree, whose shapes
+  the method gives with `abstract_fit_params()`.
+  """
+  if hasattr(parts.method, "fit"):
+    return jax.eval_shape(fitted_train_state, parts.method.abstract_fit_params())
   return jax.eval_shape(lambda rng: new_train_state(parts, config, rng), jax.random.key(0))
 
 
 def params_for_sampling(state: TrainState, which: str, ema_cfg):
   """'online' -> the trained params; 'ema' -> the half-life EMA if the run keeps one,
-  else its first fixed-rate EMA; anything else names an EMA copy."""
-  names = ema_lib.ema_names(ema_cfg)
-  if which == "online" or (which == "ema" and not names):
+  else its first fixed-rate EMA; anything else names an EMA copy (cm_jax.runs.choose_copy,
+  the rule load_run follows)."""
+  name = runs.choose_copy(which, ema_lib.ema_names(ema_cfg))
+  if name == "online":
     return state.params
-  if which == "ema":
-    which = ema_lib.HALFLIFE if ema_lib.HALFLIFE in names else names[0]
-  if which not in state.ema:
-    raise ValueError(f"no EMA named {which!r} in this run; it has {sorted(state.ema)} "
+  if name not in state.ema:
+    raise ValueError(f"no EMA named {name!r} in this run; it has {sorted(state.ema)} "
                      f"(or use 'online' / 'ema')")
-  return state.ema[which]
+  return state.ema[name]

@@ -7,26 +7,16 @@ sample.py and evaluate.py all read the same directory.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 
-CHECKPOINT_SUBDIR = "checkpoints"
-
-
-def is_remote(path) -> bool:
-  """gs://, s3://, ...: paths that go through etils.epath rather than the OS."""
-  return "://" in str(path)
-
-
-def checkpoint_dir(workdir: str) -> str:
-  if is_remote(workdir):  # e.g. gs://bucket/runs/x on a TPU pod: Orbax writes it directly
-    return str(workdir).rstrip("/") + "/" + CHECKPOINT_SUBDIR
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+# The directory layout and the config reader live below cm_jax.methods (cm_jax.runs), so
+# the CD teacher and sample.py read runs without importing the trainer; re-exported here.
+from cm_jax.runs import (CHECKPOINT_SUBDIR, checkpoint_dir, config_from_json, is_remote,  # noqa: F401
+                         load_config, with_default_sharding)
 
 
 class RunCheckpoints:
@@ -71,35 +61,6 @@ class RunCheckpoints:
     self.manager.close()
 
 
-def load_config(workdir: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
-  """The config a run was trained with, read back from its latest checkpoint."""
-  directory = checkpoint_dir(workdir)
-  if not epath.Path(directory).is_dir():
-    raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory: train a model there "
-                            f"first (python train.py --config ... --workdir {workdir})")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint saved yet in {directory}")
-  raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-  manager.close()
-  return config_from_json(raw)
-
-
-def config_from_json(raw: dict) -> ml_collections.ConfigDict:
-  """JSON turned tuples into lists; networks want hashable tuples back."""
-
-  def fix(value):
-    if isinstance(value, dict):
-      return ml_collections.ConfigDict({k: fix(v) for k, v in value.items()})
-    if isinstance(value, list):
-      return tuple(fix(v) for v in value)
-    return value
-
-  return fix(raw)
-
-
 def process_data_states(states: list) -> dict:
   """The checkpoint's data item: every process's iterator state, by process index.
 
@@ -129,28 +90,6 @@ def data_state_for_process(data: dict, process_index: int, process_count: int) -
                      f"{process_count}: each process's data position cannot be resumed exactly "
                      f"(start a new workdir, or run with {saved} processes)")
   return data["processes"][process_index]
-
-
-def with_default_sharding(abstract_tree):
-  """Leaves without a sharding restore replicated over every device.
-
-  Orbax would otherwise reuse the sharding recorded at save time, which names
-  devices of the training topology (an FSDP mesh of 8 devices, a pod) that
-  sample.py or evaluate.py on another machine do not have.
-  """
-  default = None
-
-  def fill(x):
-    nonlocal default
-    if not isinstance(x, jax.ShapeDtypeStruct) or getattr(x, "sharding", None) is not None:
-      return x
-    if default is None:
-      from jax.sharding import Mesh, NamedSharding, PartitionSpec
-      import numpy as np
-      default = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
-
-  return jax.tree.map(fill, abstract_tree)
 
 
 def abstract_like(tree):

@@ -12,19 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-HALFLIFE = "halflife"
-
-
-def ema_names(ema_cfg) -> tuple[str, ...]:
-  """Names of the EMA copies a config asks for, in a stable order."""
-  names = [rate_name(r) for r in ema_cfg.rates]
-  if ema_cfg.halflife_kimg > 0:
-    names.append(HALFLIFE)
-  return tuple(names)
-
-
-def rate_name(rate: float) -> str:
-  return f"ema_{rate:g}"
+# The copies' names are read by cm_jax.runs too (below the trainer): defined there.
+from cm_jax.runs import HALFLIFE, ema_names, rate_name  # noqa: F401
 
 
 def ema_decays(ema_cfg, step: jax.Array, batch_size: int) -> dict[str, jax.Array]:

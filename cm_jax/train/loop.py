@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cm_jax import data as data_lib
 from cm_jax import sampling
-from cm_jax.train import builders, parallel
+from cm_jax.train import builders, parallel, rounds
 from cm_jax.train.checkpoint import (RunCheckpoints, data_state_for_process, is_remote,
                                      process_data_states)
 from cm_jax.train.metrics_log import MetricsLog
@@ -80,6 +80,11 @@ def train(config, workdir: str, *, num_steps: Optional[int] = None,
   teacher's parameters then ride along every step (sharded like the params
   under FSDP, replicated otherwise), never trained.
 
+  A method with `rounds()` (progressive distillation) trains round after round
+  (cm_jax.train.rounds): the default total is all its rounds, and each new
+  round starts from the method's `start_round` hook with a fresh optimizer
+  state and EMA copies.
+
   SIGTERM or SIGINT (config.training.handle_signals) ends the run early and
   cleanly: the current step finishes, a checkpoint is written synchronously
   and the function returns (a restart continues exactly, data position
@@ -103,10 +108,14 @@ def train(config, workdir: str, *, num_steps: Optional[int] = None,
 
 def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, signals):
   tcfg = config.training
-  total = int(num_steps if num_steps is not None else tcfg.num_steps)
   accum = int(tcfg.get("grad_accum_steps", 1) or 1)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   parts = builders.build_parts(config)
+  if hasattr(parts.method, "fit"):
+    raise ValueError(f"method {config.method.name!r} is fitted, not trained: train.py fits it "
+                     f"(cm_jax.train.fit.fit_run)")
+  plan = rounds.round_plan(parts.method)
+  total = _total_steps(config, num_steps, plan)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   par = parallel.build_parallel(config)
   parallel.check_batch_size(tcfg.batch_size, par.batch_divisor(), accum)
   pindex, pcount = jax.process_index(), jax.process_count()
@@ -134,6 +143,7 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
       data_it.set_state(resumed_position)
     print(f"resumed from step {start} in {ckpts.directory}")
   last_saved = start if start > 0 else None
+  current_round = rounds.host_round(par.to_host(state)) if plan is not None else None
   if start >= total:
     ckpts.close()
     return par.to_host(state)
@@ -154,6 +164,14 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
 
   try:
     for step in range(start, total):
+      while plan is not None and current_round < rounds.round_of_step(step, plan):
+        if pending is not None:  # the finished round's last step must have been good
+          _check_finite(pending, step - 1, last_saved)
+        current_round += 1
+        state = par.from_host(rounds.next_round(parts.method, parts.optimizer,
+                                                par.to_host(state), current_round))
+        if pindex == 0:
+          bar.write(f"round {current_round + 1} of {plan[0]} starts at step {step}")
       local = dict(next(data_it))
       rows = len(next(iter(local.values())))
       local[parallel.PREEMPT_KEY] = np.full((rows,), signals.requested is not None, np.int32)
@@ -205,6 +223,19 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
     log.close()
     ckpts.close()
   return par.to_host(state)
+
+
+def _total_steps(config, num_steps, plan) -> int:
+  """config.training.num_steps, or rounds x steps per round for a method with rounds;
+  `num_steps` (--steps) overrides either, up to the last round's end."""
+  if plan is None:
+    return int(num_steps if num_steps is not None else config.training.num_steps)
+  planned = rounds.total_steps(plan)
+  total = planned if num_steps is None else int(num_steps)
+  if total > planned:
+    raise ValueError(f"method {config.method.name!r} runs {plan[0]} round(s) of {plan[1]} steps "
+                     f"= {planned} steps; {total} steps would go past its last round")
+  return total
 
 
 def _join(workdir: str, *parts: str) -> str:

@@ -31,9 +31,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DATA_AXIS = "data"
-FSDP_AXIS = "fsdp"
-BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+# The batch / replicated shardings are shared with sampling and evaluation (cm_jax.utils).
+from cm_jax.utils.sharding import (BATCH_AXES, DATA_AXIS, FSDP_AXIS, _batch_axes,  # noqa: F401
+                                   batch_divisor, batch_sharding, replicated)
+
 PMAP_AXIS = "batch"
 DEFAULT_FSDP_MIN_SIZE = 2**14
 # A per-example int32 column the loop adds to every local batch: 1 where this process
@@ -76,24 +77,6 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
   auto = (jax.sharding.AxisType.Auto,) * 2
   return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto,
                        devices=devices[:data * fsdp])
-
-
-def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
-  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Rows split over every batch axis of the mesh (data, then fsdp)."""
-  return NamedSharding(mesh, P(_batch_axes(mesh)))
-
-
-def batch_divisor(mesh: Mesh) -> int:
-  """How many ways `batch_sharding` splits the rows (a batch must be a multiple)."""
-  return int(math.prod(mesh.shape[a] for a in _batch_axes(mesh)))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
 
 
 def check_batch_size(global_batch_size: int, mesh_or_ways, grad_accum_steps: int = 1) -> None:

@@ -28,6 +28,7 @@ from jax import lax
 
 from cm_jax.methods.base import LossContext
 from cm_jax.train import ema as ema_lib
+from cm_jax.train import rounds
 from cm_jax.train.state import TrainState
 
 
@@ -83,7 +84,9 @@ def make_train_step(method, optimizer: optax.GradientTransformation, ema_cfg,
     if axis_name is not None:
       step_rng = jax.random.fold_in(step_rng, lax.axis_index(axis_name))
     ctx = LossContext(step=state.step, target_params=state.target_params,
-                      teacher_params=teacher_params)
+                      teacher_params=rounds.teachers_for_loss(teacher_params,
+                                                              state.round_teacher),
+                      round=state.round)
     loss, metrics, grads = loss_and_grads(state.params, batch, step_rng, ctx)
     if axis_name is not None:
       loss, metrics, grads = lax.pmean((loss, metrics, grads), axis_name)
@@ -97,8 +100,9 @@ def make_train_step(method, optimizer: optax.GradientTransformation, ema_cfg,
     if target is not None:
       target = ema_lib.ema_update(target, jax.lax.stop_gradient(params),
                                   method.target_decay(state.step))
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           ema=ema, target_params=target)
+    # replace keeps the round and its teacher, which only the loop changes (rounds.py).
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema=ema, target_params=target)
 
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)

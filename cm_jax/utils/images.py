@@ -10,7 +10,10 @@ from PIL import Image
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8 in [0, 255], rounding like the FID reference code."""
+  """[-1, 1] floats -> uint8 in [0, 255], rounding like the FID reference code; uint8
+  images pass through unchanged (the project's one conversion; cm_jax.data re-exports it)."""
+  if getattr(images, "dtype", None) == np.uint8:
+    return np.asarray(images)
   x = np.asarray(images, np.float32)
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 

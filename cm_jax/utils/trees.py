@@ -1,30 +1,18 @@
-"""Nested parameter dicts <-> flat {'a/b/kernel': leaf} dicts, the layout of our .npz weight files."""
+"""Nested parameter dicts <-> flat {'a/b/kernel': leaf} dicts, the layout of our .npz weight files.
+
+Both are flax.traverse_util's flatten_dict / unflatten_dict with '/' as the separator
+(the one nested-dict flattening of the project; interop.name_maps uses tuple paths).
+"""
 from __future__ import annotations
+
+from flax import traverse_util
 
 
 def flatten_paths(tree) -> dict:
   """{'block/conv/kernel': leaf} for every leaf of a nested mapping; leaves are returned as is."""
-  flat = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      name = f"{prefix}/{key}" if prefix else str(key)
-      if hasattr(value, "items"):
-        walk(value, name)
-      else:
-        flat[name] = value
-
-  walk(tree, "")
-  return flat
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten_paths(flat: dict) -> dict:
   """The inverse of flatten_paths: split names on '/' back into nested dicts."""
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.unflatten_dict(flat, sep="/")

@@ -1,4 +1,4 @@
-"""`sample.py --edit ...`: zero-shot editing with a trained consistency model.
+"""`sample.py --edit ...`: zero-shot editing with a trained consistency model (the CLI side).
 
   python sample.py --workdir runs/digits_ct --edit inpaint  --image x.png [--mask m.png]
   python sample.py --workdir runs/digits_ct --edit colorize --image x.png
@@ -47,7 +47,7 @@ from PIL import Image
 
 from cm_jax import sampling
 from cm_jax.diffusion import preconditioning
-from cm_jax.methods import cm_editing
+from cm_jax.methods import cm_editing, cm_sampling
 from cm_jax.methods import cm_editing_ops as ops
 from cm_jax.methods.base import network_fn
 from cm_jax.utils.images import make_grid, save_samples_npz, to_uint8
@@ -238,14 +238,10 @@ def parse_ts(text: Optional[str], grid_points: int, default) -> list[int]:
   except ValueError:
     raise EditError(f"--ts must be comma-separated integers like 0,22,39; got {text!r}") \
         from None
-  if not ts:
-    raise EditError("--ts is empty")
-  if any(t < 0 or t >= grid_points for t in ts):
-    raise EditError(f"--ts indices must lie in [0, {grid_points - 1}] for the "
-                    f"{grid_points}-point grid (--grid_points); got {text}")
-  if any(b <= a for a, b in zip(ts, ts[1:])):
-    raise EditError(f"--ts indices must be strictly increasing; got {text}")
-  return ts
+  try:  # the one check of grid indices, shared with sampling
+    return list(cm_sampling.check_ts(ts, grid_points, min_len=1))
+  except ValueError as e:
+    raise EditError(f"--{e} (--ts {text}, --grid_points {grid_points})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -267,11 +263,6 @@ class EditJob:
   batch_size: int = 64
   sigma_min: float = 0.002
   description: str = ""
-
-
-def even_ts(num_steps: int, grid_points: int) -> list[int]:
-  """num_steps + 1 grid indices spread evenly over [0, grid_points - 1], ends included."""
-  return sorted({int(round(v)) for v in np.linspace(0, grid_points - 1, num_steps + 1)})
 
 
 def _grid_sigmas(ts, grid_points, precond):
@@ -326,7 +317,7 @@ def plan(request: EditRequest, config, image_shape) -> EditJob:
   # Default levels: every grid index (the reference's editing), or with --steps S the
   # S + 1 evenly spaced indices that multistep sampling uses (S network evaluations).
   all_ts = (list(range(n_grid)) if request.steps is None
-            else even_ts(request.steps, n_grid))
+            else list(cm_sampling.even_ts(request.steps, n_grid)))
 
   if task == "colorize" and c != 3:
     raise EditError(f"--edit colorize needs an RGB model, but this run generates {c}-channel "

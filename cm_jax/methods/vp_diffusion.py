@@ -1,0 +1,157 @@
+"""Variance-preserving diffusion teacher: continuous-time cosine logSNR schedule, x / eps /
+v / 'both' prediction (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of
+Diffusion Models"; google-research/diffusion_distillation `dpm.py`), with label dropout
+for classifier-free guidance (Ho & Salimans 2022).
+
+The teacher of progressive / guided distillation (Salimans & Ho; Meng et al. 2023) and of
+multistep consistency models (Heek et al. 2024).
+
+Training (diffusion_distillation `Model.training_losses`, continuous time):
+  u ~ U[0, 1], logSNR = schedule(u), z = alpha x + sigma eps,
+  x_hat = parameterization.to_x(F(z, c_noise(logSNR), cond), z, alpha, sigma),
+  loss = w(logSNR) ||x_hat - x||^2 / d, with the `mean_loss_weight_type`s of dpm.py:
+    constant   w = 1
+    snr        w = SNR                (= the eps-MSE, since eps_hat - eps = (alpha/sigma)(x - x_hat))
+    snr_trunc  w = max(SNR, 1)        (= max(x-MSE, eps-MSE), dpm.py's default)
+    v_mse      w = 1 + SNR            (= the v-MSE, since v_hat - v = (x - x_hat)/sigma)
+  The weights are applied to the x-MSE rather than recomputing eps / v errors: the same
+  value, without dividing by sigma near logSNR = 20.
+
+Sampling: DDIM on u_i = i/N (dpm.py `ddim_step`: the last step returns x_hat), or any
+sampler of cm_jax.diffusion.samplers, through the adapter that turns the network into a
+VE-coordinate denoiser D(x; sigma) (cm_jax.diffusion.parameterization). Guidance:
+x_hat^w = (1 + w) x_hat_c - w x_hat_u (cm_jax.conditioning).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from cm_jax import conditioning as cond_lib
+from cm_jax.diffusion import parameterization as param_lib
+from cm_jax.diffusion import samplers, schedules
+from cm_jax.methods.base import LossContext, network_fn
+from cm_jax.methods.guidance import check_guidance_setup, sampling_denoiser
+
+LOSS_WEIGHTS = ("constant", "snr", "snr_trunc", "v_mse")
+
+
+def loss_weight(kind: str, logsnr):
+  """dpm.py's mean_loss_weight_type as a weight on the per-example x-MSE (see module doc)."""
+  snr = jnp.exp(jnp.asarray(logsnr, jnp.float32))
+  if kind == "constant":
+    return jnp.ones_like(snr)
+  if kind == "snr":
+    return snr
+  if kind == "snr_trunc":
+    return jnp.maximum(snr, 1.0)
+  if kind == "v_mse":
+    return 1.0 + snr
+  raise ValueError(f"unknown loss_weight {kind!r}; choose from {LOSS_WEIGHTS}")
+
+
+class VPDiffusion:
+  """A VP diffusion model trained on continuous t, sampled with DDIM (or any sampler)."""
+
+  name = "vp"
+
+  def __init__(self, net, config):
+    self.net = net
+    self.cfg = config.method
+    self.sample_cfg = config.sample
+    self.schedule = schedules.build_schedule(config.schedule)
+    self.param = param_lib.get_parameterization(self.cfg.prediction)
+    if self.cfg.loss_weight not in LOSS_WEIGHTS:
+      raise ValueError(f"unknown method.loss_weight {self.cfg.loss_weight!r}; "
+                       f"choose from {LOSS_WEIGHTS}")
+    self.conditional = config.data.num_classes > 0
+    self.null_class = check_guidance_setup(config)
+    self.label_dropout = float(self.cfg.get("label_dropout", 0.0) or 0.0)
+
+  # -- the network on the schedule -------------------------------------------------------------
+
+  def noise_cond(self, logsnr):
+    """What the network sees as its time input: diffusion_distillation's 'inv_cos' input."""
+    return param_lib.vp_time_input(logsnr)
+
+  def x_prediction(self, params, z, logsnr, cond, *, train=False, dropout_rng=None):
+    """x_hat(z_t) in VP coordinates (float32)."""
+    apply = network_fn(self.net, params, train=train, dropout_rng=dropout_rng)
+    logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), (z.shape[0],))
+    bshape = (z.shape[0],) + (1,) * (z.ndim - 1)
+    alpha = jnp.sqrt(jax.nn.sigmoid(logsnr)).reshape(bshape)
+    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr)).reshape(bshape)
+    out = apply(z, self.noise_cond(logsnr), cond).astype(jnp.float32)
+    return self.param.to_x(out, z, alpha, sigma)
+
+  def denoiser(self, params):
+    """D(x; sigma) in VE coordinates (x = z / alpha, sigma = sigma_t / alpha_t): what every
+    sampler and every distillation method of cm_jax consumes."""
+
+    def denoise(x, sigma_ve, cond=None, vector=None):
+      cond = cond_lib.as_conditioning(cond, vector)
+      s = jnp.broadcast_to(jnp.reshape(jnp.asarray(sigma_ve, jnp.float32), (-1,)),
+                           (x.shape[0],))
+      logsnr = -2.0 * jnp.log(s)
+      alpha = jnp.sqrt(jax.nn.sigmoid(logsnr)).reshape((-1,) + (1,) * (x.ndim - 1))
+      return self.x_prediction(params, alpha * x, logsnr, cond)
+
+    return denoise
+
+  # -- training --------------------------------------------------------------------------------
+
+  def loss(self, params, batch, rng, ctx: LossContext):
+    x = jnp.asarray(batch["image"], jnp.float32)
+    b = x.shape[0]
+    k_u, k_eps, k_drop, k_label = jax.random.split(rng, 4)
+    u = jax.random.uniform(k_u, (b,), jnp.float32)
+    logsnr = self.schedule.logsnr(u)
+    eps = jax.random.normal(k_eps, x.shape, jnp.float32)
+    bshape = (b,) + (1,) * (x.ndim - 1)
+    alpha = jnp.sqrt(jax.nn.sigmoid(logsnr)).reshape(bshape)
+    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr)).reshape(bshape)
+    z = alpha * x + sigma * eps
+    cond = cond_lib.Conditioning(labels=batch["label"] if self.conditional else None)
+    cond = cond_lib.drop_labels(cond, k_label, self.label_dropout, self.null_class)
+    x_hat = self.x_prediction(params, z, logsnr, cond, train=True, dropout_rng=k_drop)
+    x_mse = jnp.mean(jnp.square(x_hat - x), axis=tuple(range(1, x.ndim)))
+    loss = jnp.mean(loss_weight(self.cfg.loss_weight, logsnr) * x_mse)
+    return loss, {"loss": loss, "x_mse": jnp.mean(x_mse)}
+
+  def uses_target(self) -> bool:
+    return False
+
+  def target_decay(self, step):
+    return jnp.zeros((), jnp.float32)
+
+  # -- sampling --------------------------------------------------------------------------------
+
+  def sampling_grid(self, num_steps: int):
+    """VE sigmas of u_i = i/N, i = N .. 1, then 0 (dpm.py's DDIM grid; the last step
+    returns x_hat, its `i == 0` branch)."""
+    u = jnp.linspace(1.0, 0.0, int(num_steps) + 1)[:-1]
+    return jnp.concatenate([self.schedule.ve_sigma(u).astype(jnp.float32),
+                            jnp.zeros((1,), jnp.float32)])
+
+  def sample(self, params, noise, keys, labels: Optional[jax.Array], num_steps: int,
+             sampler: Optional[str] = None, guidance: float = 0.0, clip_denoised=None,
+             callback=None, **options):
+    """Images in [-1, 1] from unit `noise` (z_T ~ N(0, I)), `num_steps` denoiser steps."""
+    sampler = sampler or self.sample_cfg.sampler
+    if sampler not in samplers.SAMPLERS:
+      raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(samplers.SAMPLERS)}")
+    cond = cond_lib.Conditioning(labels=labels if self.conditional else None)
+    clip = self.sample_cfg.get("clip_denoised", True) if clip_denoised is None else clip_denoised
+    # dpm.py's eval_clip_denoised: x_hat clipped at every step (eps re-derived from it).
+    denoise = sampling_denoiser(self.denoiser(params), guidance, self.null_class, clip)
+    grid = self.sampling_grid(num_steps)
+    # z_T ~ N(0, I) at u = 1 is x_T = z_T / alpha_1 in VE coordinates.
+    alpha_1 = jnp.sqrt(jax.nn.sigmoid(self.schedule.logsnr(jnp.ones(()))))
+    x_T = noise / alpha_1
+    if sampler == "edm_stochastic":
+      for key in ("s_churn", "s_min", "s_max", "s_noise"):
+        options.setdefault(key, self.sample_cfg.get(key))
+    x0 = samplers.SAMPLERS[sampler](denoise, x_T, grid, keys, cond, callback, **options)
+    return jnp.clip(x0, -1.0, 1.0)
