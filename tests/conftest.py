@@ -1,4 +1,4 @@
-"""Fixtures shared across test modules: the tiny digits EDM run, trained once."""
+"""Fixtures shared across test modules: the tiny digits EDM and VP runs, trained once."""
 import os
 import tempfile
 
@@ -8,22 +8,23 @@ from configs import digits_edm, digits_vp
 from cm_jax.train import loop
 
 
+def _train_tiny(tmp_path_factory, name, config_module):
+  """Trains config_module's :tiny config once in a fresh directory: (config, workdir, state)."""
+  workdir = str(tmp_path_factory.mktemp(name))
+  config = config_module.get_config("tiny")
+  return config, workdir, loop.train(config, workdir, progress=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_edm_run(tmp_path_factory):
   """A 4-step tiny digits EDM run (checkpoints at steps 2 and 4): (config, workdir, state)."""
-  workdir = str(tmp_path_factory.mktemp("tiny_edm_run"))
-  config = digits_edm.get_config("tiny")
-  state = loop.train(config, workdir, progress=False)
-  return config, workdir, state
+  return _train_tiny(tmp_path_factory, "tiny_edm_run", digits_edm)
 
 
 @pytest.fixture(scope="session")
 def tiny_vp_run(tmp_path_factory):
   """A 4-step tiny digits VP v-prediction run with label dropout: (config, workdir, state)."""
-  workdir = str(tmp_path_factory.mktemp("tiny_vp_run"))
-  config = digits_vp.get_config("tiny")
-  state = loop.train(config, workdir, progress=False)
-  return config, workdir, state
+  return _train_tiny(tmp_path_factory, "tiny_vp_run", digits_vp)
 
 
 # The digits classifier (cm_jax.eval.digits_classifier) caches its weights in the user's
