@@ -104,11 +104,14 @@ def _samples_from_run(mesh_holder: dict):
   mesh = parallel.make_mesh(config.get("mesh"))
   mesh_holder["mesh"] = mesh
   t0 = time.perf_counter()
-  images, labels = sampling.generate(
-      parts.method, params, num=_NUM.value, seed=_SEED.value,
-      batch_size=_BATCH.value or config.sample.batch_size, num_steps=num_steps,
-      image_shape=parts.image_shape, num_classes=num_classes, class_label=_CLASS.value,
-      mesh=mesh, progress=True, **options)
+  try:
+    images, labels = sampling.generate(
+        parts.method, params, num=_NUM.value, seed=_SEED.value,
+        batch_size=_BATCH.value or config.sample.batch_size, num_steps=num_steps,
+        image_shape=parts.image_shape, num_classes=num_classes, class_label=_CLASS.value,
+        mesh=mesh, progress=True, **options)
+  except sampling.NonFiniteSamplesError as e:
+    _fail(f"step {step}, weights {run.which!r}: {e}")
   wall = time.perf_counter() - t0
   protocol = {
       "source": "workdir", "workdir": os.path.abspath(_WORKDIR.value), "checkpoint_step": step,

@@ -52,6 +52,10 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes
   if not _WORKDIR.value:
     sys.exit("sample.py: --workdir is required")
+  for name, value in (("--num", _NUM.value), ("--steps", _STEPS.value),
+                      ("--batch_size", _BATCH.value)):
+    if value is not None and value < 1:  # checked before anything is loaded or compiled
+      sys.exit(f"sample.py: {name} must be >= 1, got {value}")
   try:
     config = runs.load_config(_WORKDIR.value, _STEP.value)
   except FileNotFoundError as e:
@@ -99,11 +103,14 @@ def main(argv):
     options["guidance"] = float(guidance)
   if _GRID_POINTS.value and "grid_points" in config.sample:
     options["grid_points"] = _GRID_POINTS.value
-  images, labels = sampling.generate(
-      parts.method, params, num=_NUM.value, seed=_SEED.value,
-      batch_size=_BATCH.value or config.sample.batch_size, num_steps=num_steps,
-      image_shape=parts.image_shape, num_classes=num_classes, class_label=_CLASS.value,
-      mesh=parallel.make_mesh(config.get("mesh")), progress=True, **options)
+  try:
+    images, labels = sampling.generate(
+        parts.method, params, num=_NUM.value, seed=_SEED.value,
+        batch_size=_BATCH.value or config.sample.batch_size, num_steps=num_steps,
+        image_shape=parts.image_shape, num_classes=num_classes, class_label=_CLASS.value,
+        mesh=parallel.make_mesh(config.get("mesh")), progress=True, **options)
+  except sampling.NonFiniteSamplesError as e:
+    sys.exit(f"sample.py: step {step}, weights {run.which!r}: {e}")
 
   save_samples_npz(_OUT.value, images, labels)
   grid = _GRID.value or os.path.splitext(_OUT.value)[0] + ".png"

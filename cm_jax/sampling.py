@@ -58,10 +58,19 @@ def make_sample_fn(method, image_shape, num_classes: int, num_steps: int,
   return jax.jit(sample, in_shardings=(rep, split, None), out_shardings=(split, split))
 
 
+class NonFiniteSamplesError(ValueError):
+  """The sampler produced NaN/inf: refuse to write them as images."""
+
+
 def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps: int,
              image_shape, num_classes: int, class_label: Optional[int] = None,
              mesh=None, progress: bool = False, **sampler_options):
-  """`num` images as uint8 NHWC and their labels (None when unconditional)."""
+  """`num` images as uint8 NHWC and their labels (None when unconditional).
+
+  Raises NonFiniteSamplesError (a ValueError) when any image is not finite."""
+  if num < 1 or batch_size < 1 or num_steps < 1:
+    raise ValueError(f"num, batch_size and num_steps must be >= 1, got {num}, {batch_size}, "
+                     f"{num_steps}")
   if mesh is not None:
     devices = sharding.batch_divisor(mesh)  # rows split over (data, fsdp)
     batch_size = max(devices, batch_size - batch_size % devices)
@@ -73,7 +82,14 @@ def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps:
     # The last batch is filled up with the images that follow; they are dropped.
     indices = jnp.arange(start, start + batch_size, dtype=jnp.int32)
     x, y = fn(params, indices, seed)
-    images.append(to_uint8(jax.device_get(x)))
+    x = np.asarray(jax.device_get(x))
+    if not np.all(np.isfinite(x)):
+      # uint8 conversion would turn NaN into black images that look like a result.
+      bad = int(np.sum(~np.all(np.isfinite(x.reshape(len(x), -1)), axis=1)))
+      raise NonFiniteSamplesError(
+          f"{bad} of the images {start}..{start + len(x) - 1} came out NaN/inf: the weights "
+          f"are not finite or the sampler diverged; nothing was written")
+    images.append(to_uint8(x))
     labels.append(np.asarray(jax.device_get(y)))
   images = np.concatenate(images)[:num]
   labels = np.concatenate(labels)[:num].astype(np.int32)

@@ -53,3 +53,40 @@ def test_sample_cli_without_checkpoint_says_so(tmp_path):
   result = _run("sample.py", "--workdir", str(tmp_path / "nothing"), check=False)
   assert result.returncode != 0
   assert "train a model there first" in result.stderr
+
+
+def _one_line_failure(result, *words, progress_bar=False):
+  """Exit status != 0 and the error in one line (after a progress bar, when sampling ran)."""
+  assert result.returncode != 0
+  err = result.stderr.strip()
+  if progress_bar:
+    err = err.splitlines()[-1]
+  assert err.count("\n") == 0, err
+  for w in words:
+    assert w in err, err
+
+
+def test_sample_cli_refuses_non_positive_counts(tmp_path):
+  for flag, value in (("--num", "0"), ("--num", "-5"), ("--steps", "0"),
+                      ("--batch_size", "0")):
+    result = _run("sample.py", "--workdir", str(tmp_path), flag, value, check=False)
+    _one_line_failure(result, flag, ">= 1")
+
+
+def test_sample_cli_refuses_non_finite_samples(tiny_edm_run, tmp_path):
+  """NaN weights used to give all-black images and exit 0; now nothing is written."""
+  import jax
+  import jax.numpy as jnp
+  from cm_jax.train.checkpoint import RunCheckpoints
+  config, _, state = tiny_edm_run
+  nan = lambda tree: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tree)
+  bad = state.replace(params=nan(state.params), ema={k: nan(v) for k, v in state.ema.items()})
+  workdir = tmp_path / "nan_run"
+  ckpts = RunCheckpoints(str(workdir), async_save=False)
+  ckpts.save(4, bad, {"imported": True}, config, wait=True)
+  ckpts.close()
+  out = tmp_path / "s.npz"
+  result = _run("sample.py", "--workdir", str(workdir), "--num", "4", "--steps", "3",
+                "--batch_size", "4", "--out", str(out), check=False)
+  _one_line_failure(result, "NaN", "sample.py: step 4, weights 'halflife'", progress_bar=True)
+  assert not out.exists()
