@@ -22,6 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cm_jax.cli.flag_errors import parse_flags_or_exit
 from cm_jax.train import builders, distributed, fit, loop
 from cm_jax.train.state import count_params, tree_bytes
 
@@ -80,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags_or_exit)
