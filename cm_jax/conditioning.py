@@ -39,9 +39,6 @@ class Conditioning:
   w: Optional[jax.Array] = None
   vector: Optional[jax.Array] = None
 
-  def replace_labels(self, labels) -> "Conditioning":
-    return self.replace(labels=labels)
-
 
 def as_conditioning(cond=None, vector=None) -> Conditioning:
   """A Conditioning from what older call sites pass: labels (or None) and a cond vector."""

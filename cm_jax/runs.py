@@ -26,7 +26,8 @@ from etils import epath
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEM_NAMES = ("state", "data", "config")
 HALFLIFE = "halflife"  # the name of EDM's half-life EMA copy
-KINDS = ("trained", "imported", "fitted")
+FITTED_KIND = "fitted"  # config.method.kind of a run written by cm_jax.train.fit
+KINDS = ("trained", "imported", FITTED_KIND)
 
 
 # ----------------------------------------------------------------------------- EMA copy names
@@ -161,8 +162,8 @@ def run_kind(config, data_item: Optional[dict]) -> str:
   if isinstance(data_item, dict) and data_item.get("imported"):
     return "imported"
   method = config.get("method") if hasattr(config, "get") else None
-  if method is not None and method.get("kind", "") == "fitted":
-    return "fitted"
+  if method is not None and method.get("kind", "") == FITTED_KIND:
+    return FITTED_KIND
   return "trained"
 
 

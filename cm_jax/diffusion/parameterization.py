@@ -33,8 +33,9 @@ import dataclasses
 import math
 from typing import Callable, ClassVar, Union
 
-import jax
 import jax.numpy as jnp
+
+from cm_jax.diffusion.schedules import vp_alpha_sigma
 
 _F32 = jnp.float32
 
@@ -226,7 +227,7 @@ def vp_time_input(logsnr, scale: float = 1000.0):
 
 
 def make_schedule_denoiser(net_fn: Callable, schedule, parameterization,
-                           noise_cond_fn: Callable):
+                           noise_cond_fn: Callable, time_input: str = "t"):
   """A network on `schedule` as a VE denoiser `denoise(x, sigma_ve, cond=None) -> x_hat`.
 
   Args:
@@ -234,6 +235,8 @@ def make_schedule_denoiser(net_fn: Callable, schedule, parameterization,
     schedule: a `schedules` object (kind 've' or 'vp').
     parameterization: an object of this module or its name ('x', 'eps', 'v', 'both').
     noise_cond_fn: `noise_cond_fn(t (B,)) -> (B,)`, the network's time input.
+    time_input: 't' (noise_cond_fn gets t) or 'logsnr' (VP schedules: it gets the logsnr
+      of sigma_ve itself, e.g. `vp_time_input`, with no round trip through t).
 
   The denoiser takes the VE-scaled x = z/alpha and sigma_ve = sigma/alpha ((B,) or
   scalar): t = schedule.t_from_ve_sigma(sigma_ve); alpha, sigma from sigma_ve
@@ -244,22 +247,24 @@ def make_schedule_denoiser(net_fn: Callable, schedule, parameterization,
   """
   param = get_parameterization(parameterization)
   vp = getattr(schedule, "kind", "vp") == "vp"
+  if time_input not in ("t", "logsnr") or (time_input == "logsnr" and not vp):
+    raise ValueError(f"time_input must be 't' or, for a VP schedule, 'logsnr'; got "
+                     f"{time_input!r} for a {getattr(schedule, 'kind', 'vp')} schedule")
 
   def denoise(x, sigma_ve, cond=None):
     x32 = _arr(x)
     batch = x32.shape[0]
     s = jnp.broadcast_to(jnp.reshape(_arr(sigma_ve), (-1,)) if jnp.ndim(sigma_ve) else
                          _arr(sigma_ve), (batch,))
-    t = schedule.t_from_ve_sigma(s)
     if vp:
       logsnr = -2.0 * jnp.log(s)
-      alpha = jnp.sqrt(jax.nn.sigmoid(logsnr))
-      sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr))
+      alpha, sigma = vp_alpha_sigma(logsnr)
     else:
       alpha = jnp.ones_like(s)
       sigma = s
+    time = logsnr if time_input == "logsnr" else schedule.t_from_ve_sigma(s)
     z = _b(alpha, x32) * x32
-    out = _arr(net_fn(z, _arr(noise_cond_fn(t)), cond))
+    out = _arr(net_fn(z, _arr(noise_cond_fn(time)), cond))
     return param.to_x(out, z, alpha, sigma)
 
   return denoise

@@ -23,6 +23,8 @@ from typing import Callable, Optional, Union
 
 import jax.numpy as jnp
 
+from cm_jax.diffusion.parameterization import consistency_boundary_scalings
+
 _F32 = jnp.float32
 
 
@@ -52,10 +54,8 @@ def consistency_scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.00
   """
   s = jnp.asarray(sigma, _F32)
   sd = jnp.asarray(sigma_data, _F32)
-  smin = jnp.asarray(sigma_min, _F32)
-  ds = s - smin
-  c_skip = sd * sd / (ds * ds + sd * sd)
-  c_out = sd * ds / jnp.sqrt(s * s + sd * sd)
+  # The boundary at sigma_min of the per-example form multistep CMs use (one formula).
+  c_skip, c_out = consistency_boundary_scalings(s, sigma_min, sigma_data)
   c_in = 1.0 / jnp.sqrt(s * s + sd * sd)
   return c_skip, c_out, c_in
 

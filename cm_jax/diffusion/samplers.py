@@ -53,7 +53,7 @@ def _heun_after_euler(denoise, x, x_e, d, t_cur, t_next, cond):
       lambda: x_e)
 
 
-def _report(callback, i, x, x_e, d, t_cur):
+def _report(callback, i, x, d, t_cur):
   """callback(step, x, denoised, t): the denoised estimate is x - t d (d = the step's slope)."""
   if callback is not None:
     jax.debug.callback(callback, i, x, x - t_cur * d, t_cur, ordered=True)
@@ -68,7 +68,7 @@ def sample_euler(denoise, x_T, grid, rng=None, cond=None, callback=None):
   def body(x, inp):
     i, t_cur, t_next = inp
     x_e, d = _euler(denoise, x, t_cur, t_next, cond, None)
-    _report(callback, i, x, x_e, d, t_cur)
+    _report(callback, i, x, d, t_cur)
     return x_e, None
 
   steps = jnp.arange(g.shape[0] - 1, dtype=jnp.int32)
@@ -133,7 +133,7 @@ def sample_edm_stochastic(denoise, x_T, grid, rng=None, cond=None, callback=None
     else:
       x_hat = x
     x_e, d = _euler(denoise, x_hat, t_hat, t_next, cond, None)
-    _report(callback, i, x_hat, x_e, d, t_hat)
+    _report(callback, i, x_hat, d, t_hat)
     return _heun_after_euler(denoise, x_hat, x_e, d, t_hat, t_next, cond), None
 
   steps = jnp.arange(n, dtype=jnp.int32)

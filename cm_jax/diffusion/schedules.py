@@ -59,6 +59,13 @@ def _f32(x):
   return jnp.asarray(x, _F32)
 
 
+def vp_alpha_sigma(logsnr):
+  """(alpha, sigma) = (sqrt(sigmoid(logsnr)), sqrt(sigmoid(-logsnr))) of a VP process, the
+  shape of `logsnr` (diffusion_distillation `diffusion_forward`; alpha^2 + sigma^2 = 1)."""
+  logsnr = jnp.asarray(logsnr, _F32)
+  return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
+
+
 class _VP:
   """Shared VP pieces: everything follows from logsnr (alpha^2 + sigma^2 = 1)."""
   kind: ClassVar[str] = "vp"
@@ -66,12 +73,12 @@ class _VP:
   t_max: ClassVar[float] = 1.0
 
   def alpha(self, t):
-    """alpha = sqrt(sigmoid(logsnr)) (diffusion_distillation `diffusion_forward`)."""
-    return jnp.sqrt(jax.nn.sigmoid(self.logsnr(t)))
+    """alpha = sqrt(sigmoid(logsnr)) (`vp_alpha_sigma`)."""
+    return vp_alpha_sigma(self.logsnr(t))[0]
 
   def sigma(self, t):
-    """sigma = sqrt(sigmoid(-logsnr))."""
-    return jnp.sqrt(jax.nn.sigmoid(-self.logsnr(t)))
+    """sigma = sqrt(sigmoid(-logsnr)) (`vp_alpha_sigma`)."""
+    return vp_alpha_sigma(self.logsnr(t))[1]
 
   def ve_sigma(self, t):
     """sigma/alpha = exp(-logsnr/2)."""

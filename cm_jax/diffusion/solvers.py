@@ -192,10 +192,15 @@ def discrete_alpha_sigma(t, alphas_cumprod, final_alpha_cumprod: float = 1.0):
   discrete schedule; t < 0 means "final" and uses abar = final_alpha_cumprod
   (diffusers' DDIMScheduler: `final_alpha_cumprod` = 1 with set_alpha_to_one=True,
   else alphas_cumprod[0]; LCMScheduler's final step is the former)."""
+  abar = _discrete_abar(t, alphas_cumprod, final_alpha_cumprod)
+  return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+
+
+def _discrete_abar(t, alphas_cumprod, final_alpha_cumprod: float):
+  """alphas_cumprod[t] (float32), final_alpha_cumprod where t < 0."""
   ac = jnp.asarray(alphas_cumprod, _F32)
   t = jnp.asarray(t, jnp.int32)
-  abar = jnp.where(t >= 0, ac[jnp.maximum(t, 0)], jnp.asarray(final_alpha_cumprod, _F32))
-  return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+  return jnp.where(t >= 0, ac[jnp.maximum(t, 0)], jnp.asarray(final_alpha_cumprod, _F32))
 
 
 def ddim_discrete_step(eps_hat, z, t, s, alphas_cumprod, final_alpha_cumprod: float = 1.0):
@@ -211,11 +216,7 @@ def ddim_discrete_step(eps_hat, z, t, s, alphas_cumprod, final_alpha_cumprod: fl
   """
   z = jnp.asarray(z).astype(_F32)
   eps_hat = jnp.asarray(eps_hat).astype(_F32)
-  ac = jnp.asarray(alphas_cumprod, _F32)
-  t = jnp.asarray(t, jnp.int32)
-  s = jnp.asarray(s, jnp.int32)
-  abar_t = _as_sigma(ac[t], z)
-  abar_s = _as_sigma(jnp.where(s >= 0, ac[jnp.maximum(s, 0)],
-                               jnp.asarray(final_alpha_cumprod, _F32)), z)
+  abar_t = _as_sigma(jnp.asarray(alphas_cumprod, _F32)[jnp.asarray(t, jnp.int32)], z)
+  abar_s = _as_sigma(_discrete_abar(s, alphas_cumprod, final_alpha_cumprod), z)
   x0 = (z - jnp.sqrt(1.0 - abar_t) * eps_hat) / jnp.sqrt(abar_t)
   return jnp.sqrt(abar_s) * x0 + jnp.sqrt(1.0 - abar_s) * eps_hat

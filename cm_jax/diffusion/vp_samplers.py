@@ -62,7 +62,8 @@ def sample_dpmpp_2m(denoise, x_T, grid, rng=None, cond=None, callback=None):
     i, s_cur, s_next = inp
     d = jnp.asarray(denoise(x, jnp.full((batch,), s_cur, _F32), cond)).astype(_F32)
     if callback is not None:
-      jax.debug.callback(callback, i, x, d, s_cur)
+      # ordered: steps reach the host in order, as the other samplers' callbacks do.
+      jax.debug.callback(callback, i, x, d, s_cur, ordered=True)
     final = s_next == 0
     s_safe = jnp.where(final, 1.0, s_next)
     h = jnp.log(s_cur) - jnp.log(s_safe)          # lambda_{i+1} - lambda_i

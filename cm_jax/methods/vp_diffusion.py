@@ -77,28 +77,19 @@ class VPDiffusion:
     return param_lib.vp_time_input(logsnr)
 
   def x_prediction(self, params, z, logsnr, cond, *, train=False, dropout_rng=None):
-    """x_hat(z_t) in VP coordinates (float32)."""
+    """x_hat(z_t) in VP coordinates (float32): the training loss's view."""
     apply = network_fn(self.net, params, train=train, dropout_rng=dropout_rng)
     logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), (z.shape[0],))
-    bshape = (z.shape[0],) + (1,) * (z.ndim - 1)
-    alpha = jnp.sqrt(jax.nn.sigmoid(logsnr)).reshape(bshape)
-    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr)).reshape(bshape)
+    alpha, sigma = schedules.vp_alpha_sigma(logsnr)
     out = apply(z, self.noise_cond(logsnr), cond).astype(jnp.float32)
     return self.param.to_x(out, z, alpha, sigma)
 
   def denoiser(self, params):
     """D(x; sigma) in VE coordinates (x = z / alpha, sigma = sigma_t / alpha_t): what every
-    sampler and every distillation method of cm_jax consumes."""
-
-    def denoise(x, sigma_ve, cond=None, vector=None):
-      cond = cond_lib.as_conditioning(cond, vector)
-      s = jnp.broadcast_to(jnp.reshape(jnp.asarray(sigma_ve, jnp.float32), (-1,)),
-                           (x.shape[0],))
-      logsnr = -2.0 * jnp.log(s)
-      alpha = jnp.sqrt(jax.nn.sigmoid(logsnr)).reshape((-1,) + (1,) * (x.ndim - 1))
-      return self.x_prediction(params, alpha * x, logsnr, cond)
-
-    return denoise
+    sampler and every distillation method of cm_jax consumes; the schedule adapter, with
+    the network's time input taken from logSNR = -2 log sigma directly."""
+    return param_lib.make_schedule_denoiser(network_fn(self.net, params), self.schedule,
+                                            self.param, self.noise_cond, time_input="logsnr")
 
   # -- training --------------------------------------------------------------------------------
 
@@ -110,8 +101,7 @@ class VPDiffusion:
     logsnr = self.schedule.logsnr(u)
     eps = jax.random.normal(k_eps, x.shape, jnp.float32)
     bshape = (b,) + (1,) * (x.ndim - 1)
-    alpha = jnp.sqrt(jax.nn.sigmoid(logsnr)).reshape(bshape)
-    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr)).reshape(bshape)
+    alpha, sigma = (v.reshape(bshape) for v in schedules.vp_alpha_sigma(logsnr))
     z = alpha * x + sigma * eps
     cond = cond_lib.Conditioning(labels=batch["label"] if self.conditional else None)
     cond = cond_lib.drop_labels(cond, k_label, self.label_dropout, self.null_class)
@@ -148,7 +138,7 @@ class VPDiffusion:
     denoise = sampling_denoiser(self.denoiser(params), guidance, self.null_class, clip)
     grid = self.sampling_grid(num_steps)
     # z_T ~ N(0, I) at u = 1 is x_T = z_T / alpha_1 in VE coordinates.
-    alpha_1 = jnp.sqrt(jax.nn.sigmoid(self.schedule.logsnr(jnp.ones(()))))
+    alpha_1 = self.schedule.alpha(jnp.ones(()))
     x_T = noise / alpha_1
     if sampler == "edm_stochastic":
       for key in ("s_churn", "s_min", "s_max", "s_noise"):

@@ -21,14 +21,14 @@ import jax
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cm_jax import data as data_lib
+from cm_jax import runs
 from cm_jax.train import builders
 from cm_jax.train.checkpoint import RunCheckpoints
 from cm_jax.train.state import fitted_train_state
 
-FITTED_KIND = "fitted"
+FITTED_KIND = runs.FITTED_KIND
 
 
 def is_fitted(method) -> bool:
@@ -80,7 +80,7 @@ def _check_empty(workdir: str) -> None:
 def _replicated(tree):
   # Every process fits the same pytree (same config and seed); a globally replicated
   # array of it is what Orbax saves from several processes as from one.
-  sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+  sharding = runs.replicated_sharding()
 
   def put(x):
     x = np.asarray(jax.device_get(x))
