@@ -38,7 +38,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "base seed; image i uses fold_in(seed, i
 _BATCH = flags.DEFINE_integer("batch_size", None, "sampling batch (default: the config's)")
 _PARAMS = flags.DEFINE_string("params", None, "ema | online | an EMA's name (default: config)")
 _CLASS = flags.DEFINE_integer("class_label", None, "generate only this class")
-_STEP = flags.DEFINE_integer("checkpoint_step", None, "checkpoint step (default: latest)")
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "checkpoint step (default: latest; a "
+                             "progressive-distillation run: the round whose student takes --steps)")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "guidance strength w, as sample.py's "
+                               "(default: config.sample.guidance)")
 _TS = flags.DEFINE_list("ts", None, "consistency models: grid indices of CM Algorithm 1, e.g. "
                         "0,22,39 (on config.sample.grid_points levels); sets --steps")
 _GRID_POINTS = flags.DEFINE_integer("grid_points", None, "Karras grid size for --ts "
@@ -86,19 +89,29 @@ def _samples_from_run(mesh_holder: dict):
   if _CLASS.value is not None and not 0 <= _CLASS.value < max(num_classes, 1):
     _fail(f"--class_label must be in [0, {num_classes}) for this run")
   which = _PARAMS.value or config.sample.params
+  num_steps = _STEPS.value or config.sample.num_steps
+  if _TS.value:
+    num_steps = _STEPS.value or len(_TS.value) - 1
   try:  # only the chosen copy of the weights is read (cm_jax.runs)
-    run = runs.load_run(_WORKDIR.value, which, _STEP.value)
-  except ValueError as e:
+    ckpt_step = sampling.checkpoint_step_for(config, num_steps, _STEP.value)
+    run = runs.load_run(_WORKDIR.value, which, ckpt_step)
+  except (ValueError, FileNotFoundError) as e:
     _fail(str(e))
   params, step = run.params, run.step
   sampler = _SAMPLER.value or config.sample.sampler
   options = {"sampler": sampler} if sampler != config.sample.sampler else {}
-  num_steps = _STEPS.value or config.sample.num_steps
   if _TS.value:
     if "ts" not in config.sample:
       _fail("--ts applies to consistency models (cd, ct, ict) only")
     options["ts"] = tuple(int(t) for t in _TS.value)
-    num_steps = _STEPS.value or len(options["ts"]) - 1
+  guidance = _GUIDANCE.value if _GUIDANCE.value is not None else config.sample.get("guidance", 0.0)
+  try:
+    guided, warning = sampling.guidance_options(parts.method, guidance)
+  except ValueError as e:
+    _fail(str(e))
+  if warning:
+    print(f"evaluate.py: warning: {warning}", file=sys.stderr)
+  options.update(guided)
   if _GRID_POINTS.value and "grid_points" in config.sample:
     options["grid_points"] = _GRID_POINTS.value
   mesh = parallel.make_mesh(config.get("mesh"))
@@ -116,7 +129,8 @@ def _samples_from_run(mesh_holder: dict):
   protocol = {
       "source": "workdir", "workdir": os.path.abspath(_WORKDIR.value), "checkpoint_step": step,
       "method": config.method.name, "sampler": sampler, "num_steps": num_steps,
-      "nfe": evaluator.nfe(parts.method, sampler, num_steps), "params": which,
+      "nfe": evaluator.nfe(parts.method, sampler, num_steps, guidance=guidance),
+      "guidance": float(guidance or 0.0), "params": which,
       "sampler_options": {k: v for k, v in options.items() if k != "sampler"},
       "seed": _SEED.value, "num": int(len(images)), "class_label": _CLASS.value,
       "conditional": num_classes > 0, "sampling_wall_time_s": wall,

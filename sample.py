@@ -12,7 +12,6 @@ from absl import app, flags, logging
 
 from cm_jax import runs, sampling
 from cm_jax.cli import editing as editing_cli
-from cm_jax.nets import null_class_index
 from cm_jax.train import builders, parallel
 from cm_jax.utils.images import save_grid_png, save_samples_npz
 
@@ -72,9 +71,14 @@ def main(argv):
     except editing_cli.EditError as e:
       sys.exit(f"sample.py: {e}")
 
+  num_steps = _STEPS.value or config.sample.num_steps
+  if _TS.value:
+    num_steps = _STEPS.value or len(_TS.value) - 1
   try:  # only the chosen copy of the weights is read (cm_jax.runs)
-    run = runs.load_run(_WORKDIR.value, _PARAMS.value or config.sample.params, _STEP.value)
-  except ValueError as e:
+    # A progressive-distillation run keeps one student per step count: read that one.
+    ckpt_step = sampling.checkpoint_step_for(config, num_steps, _STEP.value)
+    run = runs.load_run(_WORKDIR.value, _PARAMS.value or config.sample.params, ckpt_step)
+  except (ValueError, FileNotFoundError) as e:
     sys.exit(f"sample.py: {e}")
   params, step = run.params, run.step
   if edit_job is not None:
@@ -86,21 +90,18 @@ def main(argv):
   sampler = _SAMPLER.value or config.sample.sampler
   if sampler != config.sample.sampler:
     options["sampler"] = sampler
-  num_steps = _STEPS.value or config.sample.num_steps
   if _TS.value:
     if "ts" not in config.sample:
       sys.exit("sample.py: --ts applies to consistency models (cd, ct, ict) only")
     options["ts"] = tuple(int(t) for t in _TS.value)
-    num_steps = _STEPS.value or len(options["ts"]) - 1
   guidance = _GUIDANCE.value if _GUIDANCE.value is not None else config.sample.get("guidance", 0.0)
-  if guidance:
-    if config.method.name not in ("edm", "vp"):
-      sys.exit(f"sample.py: --guidance applies to diffusion models (edm, vp), not "
-               f"{config.method.name!r}")
-    if null_class_index(config.model, num_classes) is None:
-      sys.exit("sample.py: --guidance needs a model trained for classifier-free guidance "
-               "(model.null_class=True, method.label_dropout > 0); this run has no null class")
-    options["guidance"] = float(guidance)
+  try:
+    guided, warning = sampling.guidance_options(parts.method, guidance)
+  except ValueError as e:
+    sys.exit(f"sample.py: {e}")
+  if warning:
+    print(f"sample.py: warning: {warning}", file=sys.stderr)
+  options.update(guided)
   if _GRID_POINTS.value and "grid_points" in config.sample:
     options["grid_points"] = _GRID_POINTS.value
   try:

@@ -180,23 +180,29 @@ def main(argv=None) -> int:
   table = markdown_table(rows) if rows else "(no rows)"
   print()
   print(table)
-  result = {
-      "rows": rows, "skipped": skipped,
-      "protocol": {"num_samples": args.num, "seed": args.seed, "variant": args.variant,
-                   "reference": "all 1,797 sklearn digits", **metric.protocol()},
-      "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
-                  "devices": jax.device_count()},
-      "versions": evaluator.versions(),
-  }
+  write_report(out, {"rows": rows, "skipped": skipped}, metric,
+               {"num_samples": args.num, "seed": args.seed, "variant": args.variant},
+               f"Digits quality ({args.num} samples each, seed {args.seed}; FD-digits vs all "
+               f"1,797 digits; digits classifier recipe "
+               f"{metric.classifier.fingerprint()['recipe_sha256'][:12]})\n\n{table}\n")
+  return 0
+
+
+def write_report(out: str, fields: dict, metric, protocol: dict, markdown: str) -> None:
+  """<out>.json (fields + protocol, the digits metric's identity, machine, versions) and
+  <out>.md (`markdown`)."""
+  result = dict(fields)
+  result.update(
+      protocol={**protocol, "reference": "all 1,797 sklearn digits", **metric.protocol()},
+      machine={"platform": platform.platform(), "backend": jax.default_backend(),
+               "devices": jax.device_count()},
+      versions=evaluator.versions())
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".json", "w") as f:
     json.dump(result, f, indent=2, default=str)
   with open(out + ".md", "w") as f:
-    f.write(f"Digits quality ({args.num} samples each, seed {args.seed}; FD-digits vs all "
-            f"1,797 digits; digits classifier recipe "
-            f"{metric.classifier.fingerprint()['recipe_sha256'][:12]})\n\n{table}\n")
+    f.write(markdown)
   print(f"\nwrote {out}.json and {out}.md")
-  return 0
 
 
 if __name__ == "__main__":

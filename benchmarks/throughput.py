@@ -25,8 +25,19 @@ and 64x64 configs use batch 2, 2 timed steps and a 2-step sampler there
 (--batch / --steps / --sample_steps override). A config written `spec@N`
 (configs/digits_edm.py@20) times N train steps instead of --steps.
 
-Distillation configs (CD) time the step with a freshly initialised teacher of the
-student's network: random weights, for speed only (no teacher run is read).
+Distillation configs (CD, guided and progressive distillation) time the step with a
+freshly initialised teacher of the student's network: random weights, for speed only (no
+teacher run is read).
+
+What a distillation step costs against the plain diffusion step, in the same run:
+
+  python benchmarks/throughput.py --no_sample --baseline configs/digits_vp.py@20 \
+      --configs configs/digits_vp.py@20 configs/digits_guided.py@20 configs/digits_pd.py@20
+
+prints, besides the table, each step's time as a ratio to the baseline's and the bound
+(baseline step + teacher forwards x one eval-mode forward at the train batch) / baseline
+step: a distillation step should cost no more than its teacher's evaluations plus one
+student forward/backward.
 
 Before/after comparison against another checkout of the repo (e.g. the last commit):
 
@@ -126,17 +137,43 @@ def random_teacher(parts, config, rng):
   """What load_teacher() gives the loss, with the teacher network freshly initialised.
 
   CD (a method with _load_teacher_params) gets {'teacher': random weights of the student's
-  network} plus its other frozen extras (LPIPS); other methods with load_teacher (CT/iCT:
-  LPIPS only, None for l2) get load_teacher() itself. Returns (aux, description).
+  network} plus its other frozen extras (LPIPS); guided distillation gets a VP teacher of
+  the student's network without the w input; progressive distillation needs none (its
+  round's teacher is the state's copy of the student); other methods with load_teacher
+  (CT/iCT: LPIPS only, None for l2) get load_teacher() itself. Returns (aux, description).
   """
+  from cm_jax.methods.teachers import teacher_method
+  from cm_jax.nets import example_inputs
   from cm_jax.train import builders
   method = parts.method
   if not hasattr(method, "load_teacher"):
     return None, None
+  if getattr(method, "teacher_seeds_only", False):
+    return None, RANDOM_TEACHER
+  if method.name == "guided":
+    tcfg = config.copy_and_resolve_references()
+    tcfg.model.cond_dim = 0
+    tcfg.method.update(name="vp", label_dropout=0.1)
+    method._teacher = teacher_method(tcfg)  # pylint: disable=protected-access
+    params = method._teacher.net.init({"params": rng}, *example_inputs(tcfg), train=False)  # pylint: disable=protected-access
+    return {"teacher": params["params"]}, RANDOM_TEACHER
   if not hasattr(method, "_load_teacher_params"):
     return method.load_teacher(), None
   method._load_teacher_params = lambda: builders.init_params(parts, config, rng)  # pylint: disable=protected-access
   return method.load_teacher(), RANDOM_TEACHER
+
+
+def teacher_forwards(method, config) -> int:
+  """Eval-mode network forwards at the train batch that one step spends besides the
+  student's forward/backward: CD one (Euler) or two (Heun) teacher evaluations (doubled
+  when the teacher is guided) plus the target network's; guided distillation stage 1 the
+  teacher on twice the batch (conditional and unconditional halves); progressive
+  distillation two teacher DDIM steps; 0 for a plain diffusion step."""
+  name = getattr(method, "name", "")
+  if name == "cd":
+    guided = float(config.method.get("teacher_guidance", 0.0) or 0.0) > 0
+    return (2 if config.method.solver == "heun" else 1) * (2 if guided else 1) + 1
+  return {"guided": 2, "pd": 2}.get(name, 0)
 
 
 def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | None,
@@ -193,12 +230,25 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
   jax.block_until_ready((state, metrics))
   step_time = (time.perf_counter() - t0) / steps
 
+  # One eval-mode forward of the network at the train batch: the unit in which a
+  # distillation step's teacher evaluations are counted (--baseline's bound).
+  fwd_inputs = builders.example_inputs(parts, config, batch)
+  fwd = jax.jit(lambda p, *a: parts.net.apply({"params": p}, *a, train=False))
+  params_rep = jax.device_put(state.params, parallel.replicated(par.mesh))
+  jax.block_until_ready(fwd(params_rep, *fwd_inputs))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fwd(params_rep, *fwd_inputs)
+  jax.block_until_ready(out)
+  forward_time = (time.perf_counter() - t0) / steps
+
   result = dict(
       config=spec, overrides=list(overrides), backend=jax.default_backend(),
       device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
       mesh=dict(par.mesh.shape), params=n_params, batch=batch, grad_accum_steps=accum,
       dtype=config.model.get("dtype", "float32"), remat=bool(config.model.get("remat", False)),
       train_steps_timed=steps, train_step_s=step_time, train_img_s=batch / step_time,
+      forward_s=forward_time, teacher_forwards=teacher_forwards(parts.method, config),
       train_compile_s=train_compile, train_flops_per_step=flops,
       train_tflop_s=flops / step_time / 1e12)
   import cm_jax
@@ -254,6 +304,27 @@ def format_table(rows: list[dict]) -> str:
   out = [" | ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in lines]
   out.insert(1, "-+-".join("-" * w for w in widths))
   return "\n".join(out)
+
+
+def format_cost_ratios(rows: list[dict], baseline: str) -> str:
+  """Each distillation step against the plain diffusion step of the same run: measured
+  ratio and the bound (baseline step + teacher forwards x this config's forward time) /
+  baseline step, i.e. 'teacher evaluations + one student forward/backward'."""
+  baseline = split_spec(baseline, None)[0]
+  base = next((r for r in rows if r["config"] == baseline and "error" not in r), None)
+  if base is None:
+    return f"(no successful row for --baseline {baseline})"
+  lines = ["| config | step ms | forward ms | frozen forwards | ratio to baseline | bound | "
+           "within |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "error" in r:
+      continue
+    ratio = r["train_step_s"] / base["train_step_s"]
+    bound = (base["train_step_s"] + r["teacher_forwards"] * r["forward_s"]) / base["train_step_s"]
+    lines.append(f"| {r['config'].replace('configs/', '')} | {r['train_step_s'] * 1e3:.1f} | "
+                 f"{r['forward_s'] * 1e3:.1f} | {r['teacher_forwards']} | {ratio:.2f} | "
+                 f"{bound:.2f} | {'yes' if ratio <= bound else 'no'} |")
+  return "\n".join(lines)
 
 
 def split_spec(spec: str, steps: int | None) -> tuple[str, int | None]:
@@ -440,6 +511,10 @@ def main(argv=None):
                            "every config there and here, interleaved, and print new/ref")
   parser.add_argument("--repeats", type=int, default=2,
                       help="--compare: interleaved ref/new rounds per config (default 2)")
+  parser.add_argument("--baseline", default=None, metavar="SPEC",
+                      help="one of --configs (a plain diffusion config): print every config's "
+                           "step time as a ratio to it, beside the bound (its step + the "
+                           "config's teacher forwards) / its step")
   parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
   args, overrides = parser.parse_known_args(argv)
   bad = [o for o in overrides if not o.startswith("--config.")]
@@ -465,6 +540,9 @@ def main(argv=None):
     print(f"benchmarking {spec} ...", file=sys.stderr, flush=True)
     rows.append(run_one(spec, args, overrides))
   print(format_table(rows))
+  if args.baseline:
+    print()
+    print(format_cost_ratios(rows, args.baseline))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=2)

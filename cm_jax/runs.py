@@ -90,6 +90,11 @@ def _resolve_step(manager, workdir: str, step: Optional[int]) -> int:
   step = manager.latest_step() if step is None else int(step)
   if step is None:
     raise FileNotFoundError(f"no checkpoint saved yet in {checkpoint_dir(workdir)}")
+  saved = sorted(manager.all_steps())
+  if step not in saved:
+    raise FileNotFoundError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)} "
+                            f"(it has steps {saved}; a run with rounds writes a round's "
+                            f"student when the round ends)")
   return step
 
 

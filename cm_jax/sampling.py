@@ -94,3 +94,36 @@ def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps:
   images = np.concatenate(images)[:num]
   labels = np.concatenate(labels)[:num].astype(np.int32)
   return images, (labels if num_classes > 0 else None)
+
+
+def checkpoint_step_for(config, num_steps: int, requested: Optional[int]) -> Optional[int]:
+  """The checkpoint a reader should sample `num_steps` from: `requested` when given; for a
+  method whose run keeps one student per step count (progressive distillation:
+  `checkpoint_step_for(config, num_steps)` on its class) that student's step; else None,
+  the latest. ValueError (one line) when the run has no student of that many steps."""
+  if requested is not None:
+    return requested
+  from cm_jax.methods import method_class  # pylint: disable=g-import-not-at-top
+  hook = getattr(method_class(config), "checkpoint_step_for", None)
+  return None if hook is None else int(hook(config, int(num_steps)))
+
+
+def guidance_options(method, guidance: float) -> tuple[dict, Optional[str]]:
+  """({'guidance': w} for method.sample, or {} for w = 0; a one-line warning or None).
+
+  Diffusion models guide by two evaluations (classifier-free: they need a null class);
+  distilled students take w as an input (they warn outside their trained range). Any
+  other method, or a diffusion model without a null class, is a one-line ValueError."""
+  if not guidance:
+    return {}, None
+  kind = getattr(method, "guidance_kind", None)
+  if kind is None:
+    raise ValueError(f"--guidance applies to diffusion models trained with label dropout "
+                     f"and to students that take w (guided distillation), not to this "
+                     f"{getattr(method, 'name', '?')!r} run")
+  if kind == "classifier_free" and getattr(method, "null_class", None) is None:
+    raise ValueError("--guidance needs a model trained for classifier-free guidance "
+                     "(model.null_class=True, method.label_dropout > 0); this run has no "
+                     "null class")
+  warn = getattr(method, "guidance_warning", None)
+  return {"guidance": float(guidance)}, (warn(guidance) if warn is not None else None)

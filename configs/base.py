@@ -44,9 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict(dict(name="edm", p_mean=-1.2, p_std=1.2,
                                             label_dropout=0.0))
 
+  # anneal: 'none' (constant after warm-up) | 'linear' (to 0 over anneal_steps; progressive
+  # distillation anneals every round anew).
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      warmup_steps=0, grad_clip=0.0))
+      warmup_steps=0, grad_clip=0.0, anneal="none", anneal_steps=0))
 
   # Fixed-rate EMAs by decay, plus EDM's half-life EMA when halflife_kimg > 0.
   c.ema = ml_collections.ConfigDict(dict(rates=(), halflife_kimg=500.0, rampup_ratio=0.05))
@@ -104,3 +106,21 @@ def vp_fields(c, *, prediction: str, loss_weight: str = "snr_trunc",
   c.sample.update(sampler="ddim", num_steps=256, clip_denoised=True)
   c.model.update(null_class=label_dropout > 0,
                  out_channels_factor=2 if prediction == "both" else 1)
+
+
+def pd_training_fields(c, *, lr: float, steps_per_round: int) -> None:
+  """The optimizer and EMA of progressive distillation as diffusion_distillation's
+  config/*_distill.py set them: Adam at `lr` annealed linearly to 0 over each round, no
+  warm-up, no weight decay, grad clip 1, no EMA (ema_decay 0)."""
+  c.method.steps_per_round = steps_per_round
+  c.optim.update(name="adam", lr=lr, warmup_steps=0, weight_decay=0.0, grad_clip=1.0,
+                 anneal="linear", anneal_steps=steps_per_round)
+  c.ema.update(rates=(), halflife_kimg=0.0)
+
+
+def pd_tiny_fields(c, teacher_workdir: str) -> None:
+  """The seconds-long `:tiny` progressive distillation: two rounds (4 -> 2 -> 1 steps) of two
+  steps each from `teacher_workdir`."""
+  c.method.update(teacher_workdir=teacher_workdir, teacher_steps=4)
+  pd_training_fields(c, lr=c.optim.lr, steps_per_round=2)
+  c.training.update(save_every=2)

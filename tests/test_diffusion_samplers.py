@@ -207,7 +207,9 @@ def test_callback_sees_every_step_under_jit():
   for name in SAMPLERS:
     got = []
     cb = lambda i, x, d, t: got.append((int(i), np.asarray(x), np.asarray(d), float(t)))
-    jax.block_until_ready(jax.jit(lambda x: SAMPLERS[name](gauss_denoiser, x, grid,
+    # Stochastic samplers need per-image keys; the deterministic ones ignore them.
+    keys = jax.random.split(jax.random.key(0), 2)
+    jax.block_until_ready(jax.jit(lambda x: SAMPLERS[name](gauss_denoiser, x, grid, keys,
                                                            callback=cb))(x_T))
     jax.effects_barrier()
     assert [g[0] for g in got] == [0, 1, 2, 3], name
@@ -235,7 +237,7 @@ def test_nfe_counts():
   for name in SAMPLERS:
     calls.clear()
     out = jax.jit(lambda x: SAMPLERS[name](den, x, grid, keys, s_churn=1.0)
-                  if name == "edm_stochastic" else SAMPLERS[name](den, x, grid))(_x_T(batch=2))
+                  if name == "edm_stochastic" else SAMPLERS[name](den, x, grid, keys))(_x_T(batch=2))
     jax.block_until_ready(out)
     jax.effects_barrier()
     assert len(calls) == sampler_nfe(name, 5), name

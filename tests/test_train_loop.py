@@ -28,6 +28,18 @@ def test_resume_continues_identically(tiny_edm_run, tmp_path):
   _assert_trees_equal(resumed.opt_state, uninterrupted.opt_state)
 
 
+def test_keep_checkpoints_zero_is_refused_and_nothing_is_deleted(tiny_edm_run):
+  """Orbax's max_to_keep=0 would delete every checkpoint, the resumed one included."""
+  config, workdir, _ = tiny_edm_run
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  bad = config.copy_and_resolve_references()
+  bad.training.keep_checkpoints = 0
+  with pytest.raises(ValueError, match="keep_checkpoints must be >= 1") as err:
+    loop.train(bad, workdir, num_steps=6, progress=False)
+  assert "\n" not in str(err.value)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
 def test_metrics_and_checkpoints_written(tiny_edm_run):
   config, workdir, state = tiny_edm_run
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -142,7 +142,7 @@ def sample_edm_stochastic(denoise, x_T, grid, rng=None, cond=None, callback=None
 
 
 # DPM-Solver++(2M) lives in its own module; imported here so every sampler has one registry.
-from cm_jax.diffusion.vp_samplers import sample_dpmpp_2m  # noqa: E402  pylint: disable=g-import-not-at-top
+from cm_jax.diffusion.vp_samplers import sample_dpmpp_2m, sample_meng_stochastic  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SAMPLERS = {
     "ddim": sample_ddim,
@@ -150,6 +150,7 @@ SAMPLERS = {
     "euler": sample_euler,
     "heun": sample_heun,
     "edm_stochastic": sample_edm_stochastic,
+    "meng_stochastic": sample_meng_stochastic,
 }
 
 
@@ -161,6 +162,6 @@ def sampler_nfe(name: str, num_steps: int) -> int:
     raise ValueError(f"unknown sampler {name!r}; known: {sorted(SAMPLERS)}")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  if name in ("euler", "ddim", "dpmpp_2m"):
+  if name in ("euler", "ddim", "dpmpp_2m", "meng_stochastic"):
     return int(num_steps)
   return 2 * int(num_steps) - 1

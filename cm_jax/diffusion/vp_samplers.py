@@ -30,6 +30,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cm_jax.diffusion.noise import per_image_normal
+
 _F32 = jnp.float32
 
 
@@ -80,4 +82,42 @@ def sample_dpmpp_2m(denoise, x_T, grid, rng=None, cond=None, callback=None):
   steps = jnp.arange(n, dtype=jnp.int32)
   init = (x_T, jnp.zeros_like(x_T), jnp.asarray(1.0, _F32))
   (x, _, _), _ = jax.lax.scan(body, init, (steps, g[:-1], g[1:]))
+  return x
+
+
+def sample_meng_stochastic(denoise, x_T, grid, rng=None, cond=None, callback=None):
+  """Meng et al. 2023 ("On Distillation of Guided Diffusion Models", Sec. 4.3) N-step
+  stochastic sampler: from t_i, one deterministic DDIM step of twice the length to
+  k = t_{i+2}, then a stochastic step back to s = t_{i+1}:
+
+    z_s = (alpha_s / alpha_k) z_k + sigma_{s|k} eps,
+    sigma^2_{s|k} = (1 - e^{lambda_s - lambda_k}) sigma_s^2       (lambda = log alpha^2/sigma^2),
+
+  the forward process q(z_s | z_k). Divided by alpha_s (VE coordinates, e^{lambda} = 1/sigma_ve^2)
+  the step back is x_s = x_k + sqrt(sigma_s^2 - sigma_k^2) eps: noise added to the VE level
+  of s. The last step (t_{N-1} -> t_N = 0) is deterministic and returns x_hat. N = len(grid) - 1
+  network evaluations; `rng` are per-image keys (B,), needed when N >= 2.
+  """
+  g = jnp.asarray(grid, _F32)
+  if g.ndim != 1 or g.shape[0] < 2:
+    raise ValueError(f"grid must be 1-D with at least 2 levels, got shape {g.shape}")
+  n = g.shape[0] - 1
+  if rng is None and n >= 2:
+    raise ValueError("sample_meng_stochastic needs per-image keys rng (B,) for N >= 2 steps")
+  # k_i = t_{i+2}; for the last step k = s = t_N (= 0): a plain deterministic step.
+  g_k = jnp.concatenate([g[2:], g[-1:]])
+
+  def body(x, inp):
+    i, t_cur, s, k = inp
+    x_hat = jnp.asarray(denoise(x, jnp.full((x.shape[0],), t_cur, _F32), cond)).astype(_F32)
+    if callback is not None:
+      jax.debug.callback(callback, i, x, x_hat, t_cur, ordered=True)
+    x_k = x_hat + (k / t_cur) * (x - x_hat)  # DDIM from t to k (sample_ddim's form)
+    std = jnp.sqrt(jnp.maximum(s * s - k * k, 0.0))
+    if rng is None:
+      return x_k, None
+    return x_k + std * per_image_normal(rng, x.shape[1:], step=i), None
+
+  steps = jnp.arange(n, dtype=jnp.int32)
+  x, _ = jax.lax.scan(body, jnp.asarray(x_T).astype(_F32), (steps, g[:-1], g[1:], g_k))
   return x

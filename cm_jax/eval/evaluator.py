@@ -208,12 +208,15 @@ def versions() -> dict:
           "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
-def nfe(method, sampler: Optional[str], num_steps: int) -> int:
-  """Network evaluations per image of `method` sampling with `sampler` and `num_steps`."""
+def nfe(method, sampler: Optional[str], num_steps: int, guidance: float = 0.0) -> int:
+  """Network evaluations per image of `method` sampling with `sampler` and `num_steps`;
+  classifier-free guidance (w != 0 on a diffusion model) evaluates twice per step."""
   fn = getattr(method, "nfe", None)
   if fn is not None:
     return int(fn(num_steps, sampler=sampler))
-  if getattr(method, "name", "") == "edm":
+  if getattr(method, "name", "") in ("edm", "vp", "guided", "pd"):
     from cm_jax.diffusion.samplers import sampler_nfe  # pylint: disable=g-import-not-at-top
-    return sampler_nfe(sampler or method.sample_cfg.sampler, num_steps)
+    per_pass = sampler_nfe(sampler or method.sample_cfg.sampler, num_steps)
+    twice = bool(guidance) and getattr(method, "guidance_kind", None) == "classifier_free"
+    return per_pass * (2 if twice else 1)
   return int(num_steps)  # consistency models: one evaluation per step

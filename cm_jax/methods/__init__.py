@@ -4,6 +4,8 @@ from __future__ import annotations
 from cm_jax.methods.consistency import (ConsistencyDistillation, ConsistencyTraining,
                                         ImprovedConsistencyTraining)
 from cm_jax.methods.edm import EDM
+from cm_jax.methods.guided_distillation import GuidedDistillation
+from cm_jax.methods.progressive import ProgressiveDistillation
 from cm_jax.methods.vp_diffusion import VPDiffusion
 
 METHODS = {
@@ -12,6 +14,8 @@ METHODS = {
     "cd": ConsistencyDistillation,
     "ct": ConsistencyTraining,
     "ict": ImprovedConsistencyTraining,
+    "guided": GuidedDistillation,
+    "pd": ProgressiveDistillation,
 }
 
 

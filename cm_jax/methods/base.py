@@ -80,6 +80,19 @@ class Method(Protocol):
   #       At every round start the trainer also restarts the optimizer
   #       (optimizer.init: its step count, hence the learning-rate schedule, begins
   #       again) and resets every EMA copy and the target network to the new student.
+  #       The checkpoint that ends each round is always kept.
+  #   teacher_seeds_only = True (attribute)
+  #       load_teacher()'s result only feeds initial_params / round 0 (progressive
+  #       distillation): the trainer does not pass it to the steps, which read the round's
+  #       teacher from the state.
+  #   checkpoint_step_for(config, num_steps) (classmethod)
+  #       the checkpoint step readers sample `num_steps` from (a run that keeps one
+  #       student per step count); a one-line ValueError when it has no such student.
+  #
+  # Guidance at sampling time (sample.py / evaluate.py --guidance w, cm_jax.sampling):
+  #   guidance_kind: 'classifier_free' (two evaluations per step, needs a null class),
+  #       'embedding' (w is a network input: guided-distillation students) or None.
+  #   guidance_warning(w) -> Optional[str]: a one-line warning (w outside a trained range).
   #
   # Fitting instead of training (a method with no loss, e.g. OLSS; the trainer's
   # side is cm_jax.train.fit):

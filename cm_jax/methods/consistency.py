@@ -37,66 +37,20 @@ follows the same schedule.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cm_jax import runs
 from cm_jax.conditioning import guided_denoiser
 from cm_jax.diffusion import preconditioning, solvers
-from cm_jax.methods import cm_metrics, cm_sampling, cm_schedules
+from cm_jax.methods import cm_metrics, cm_sampling, cm_schedules, teachers
 from cm_jax.methods.base import LossContext, network_fn
 from cm_jax.nets import example_inputs
 
-# Network fields that do not change the parameters: a teacher may differ in these
-# (the reference distils a dropout-0.1 teacher into a dropout-0 student).
-_MODEL_FIELDS_FREE = ("dropout", "dtype", "remat")
-# Network fields that only add layers to the student, which then start fresh.
-_MODEL_FIELDS_NEW_LAYERS = ("cond_dim",)
 # Runs that can teach CD: diffusion methods with a `denoiser(params)` in VE coordinates.
 TEACHER_METHODS = ("edm", "vp")
-_MODEL_DEFAULTS = {"null_class": False, "out_channels_factor": 1}
-
-
-def _model_field(model_cfg, key):
-  """A model field for comparison; fields older runs lack read as their defaults."""
-  v = model_cfg.get(key, _MODEL_DEFAULTS.get(key))
-  return tuple(v) if isinstance(v, (list, tuple)) else v
-
-
-def teacher_method(tcfg):
-  """The teacher run's own method object (network built from its own model config)."""
-  # Lazy: cm_jax.methods imports this module.
-  from cm_jax.methods import build_method  # pylint: disable=g-import-not-at-top
-  from cm_jax.nets import build_network  # pylint: disable=g-import-not-at-top
-  net = build_network(tcfg.model, image_size=tcfg.data.image_size,
-                      channels=tcfg.data.channels, num_classes=tcfg.data.num_classes)
-  return build_method(net, tcfg)
-
-
-def _flat(tree):
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def shared_params_mismatch(teacher, student) -> str:
-  """'' when every teacher parameter exists in the student with its shape, else the
-  first offending names (the student may have more: those start fresh)."""
-  t, s = _flat(teacher), _flat(student)
-  bad = [k for k in t if k not in s or tuple(t[k].shape) != tuple(s[k].shape)]
-  return ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-
-
-def init_from(params, teacher):
-  """`params` with every leaf the teacher also has replaced by the teacher's value."""
-  t = _flat(teacher)
-  def pick(path, p):
-    key = "/".join(str(getattr(k, "key", k)) for k in path)
-    return jnp.asarray(t[key], p.dtype) if key in t else p
-  return jax.tree_util.tree_map_with_path(pick, params)
 
 
 def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -119,6 +73,7 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
         teacher_workdir="",      # a diffusion run: configs/<data>_edm.py or <data>_vp.py
         teacher_params="ema",    # which weights of the teacher run: ema | online | an EMA name
         teacher_step=-1,         # teacher checkpoint step; -1 = latest
+        allow_new_teacher=False,  # resume against another teacher than the run started with
         init_from_teacher=True,  # the student starts from the teacher's weights (both refs)
         teacher_guidance=0.0,    # w > 0: distil the guided teacher (1 + w) D_c - w D_u
         solver="heun",           # heun (CM Table 3) | euler
@@ -297,30 +252,20 @@ class ConsistencyDistillation(_Consistency):
     return aux
 
   def _load_teacher_params(self):
-    wd = self.cfg.teacher_workdir
-    if not wd:
-      raise ValueError("consistency distillation needs a diffusion teacher: set "
-                       "--config.method.teacher_workdir=<an EDM or VP run directory>")
-    if not os.path.isdir(runs.checkpoint_dir(wd)):
-      raise FileNotFoundError(
-          f"CD teacher run {wd!r} has no checkpoints: train the teacher there first "
-          f"(python train.py --config configs/<data>_edm.py --workdir {wd}) or point "
-          f"--config.method.teacher_workdir at one")
-    step = None if int(self.cfg.teacher_step) < 0 else int(self.cfg.teacher_step)
-    tcfg = runs.load_config(wd, step)
-    self._check_teacher_config(tcfg, wd)
-    # Only the chosen copy of the teacher's weights is read (cm_jax.runs), not its train state.
-    params = runs.load_run(wd, self.cfg.teacher_params, step).params
-    self._teacher_method = teacher_method(tcfg)
+    run = teachers.load_teacher_run(self.cfg, "consistency distillation",
+                                    "an EDM or VP run directory", self._check_teacher_config)
+    self._teacher_method = run.method
+    self.teacher_identity = run.identity()
     if self.cfg.init_from_teacher:
       want = jax.eval_shape(lambda: self.net.init(
           {"params": jax.random.key(0)}, *example_inputs(self.config), train=False)["params"])
-      missing = shared_params_mismatch(params, want)
+      missing = teachers.shared_params_mismatch(run.params, want)
       if missing:
-        raise ValueError(f"CD teacher {wd!r}: its parameters do not fit the student network "
-                         f"(different architecture: {missing}); use the teacher's model config")
-    self._teacher_precond = tcfg.precond
-    return params
+        raise ValueError(f"CD teacher {run.workdir!r}: its parameters do not fit the student "
+                         f"network (different architecture: {missing}); use the teacher's "
+                         f"model config")
+    self._teacher_precond = run.config.precond
+    return run.params
 
   def _check_teacher_config(self, tcfg, wd: str) -> None:
     """One-line ValueError when the teacher cannot be distilled into this student.
@@ -334,22 +279,13 @@ class ConsistencyDistillation(_Consistency):
     problems = []
     if tcfg.method.name not in TEACHER_METHODS:
       problems.append(f"method is {tcfg.method.name!r}, not one of {TEACHER_METHODS}")
-    # config.data.channels shapes the network, so the configs say it without reading data.
-    for key in ("image_size", "channels", "num_classes"):
-      if tcfg.data.get(key) != self.config.data.get(key):
-        problems.append(f"data.{key} {tcfg.data.get(key)!r} != student's "
-                        f"{self.config.data.get(key)!r}")
+    problems += teachers.data_mismatches(tcfg, self.config)
     if self.cfg.init_from_teacher:
       if tcfg.method.name != "edm":
         problems.append(f"the student starts from the teacher's weights, but a "
                         f"{tcfg.method.name!r} network takes other inputs than the student's "
                         f"EDM scalings; set --config.method.init_from_teacher=False")
-      for key in sorted(set(tcfg.model) | set(self.config.model)):
-        if key in _MODEL_FIELDS_FREE or key in _MODEL_FIELDS_NEW_LAYERS:
-          continue
-        t, st = _model_field(tcfg.model, key), _model_field(self.config.model, key)
-        if t != st:
-          problems.append(f"model.{key} {t!r} != student's {st!r}")
+      problems += teachers.model_mismatches(tcfg, self.config)
       for key in ("c_noise", "sigma_data"):
         if tcfg.precond.get(key) != self.precond.get(key):
           problems.append(f"precond.{key} {tcfg.precond.get(key)!r} != student's "
@@ -368,7 +304,7 @@ class ConsistencyDistillation(_Consistency):
     if teacher_params is None or not self.cfg.init_from_teacher:
       return params
     teacher = teacher_params["teacher"] if isinstance(teacher_params, dict) else teacher_params
-    return init_from(params, teacher)
+    return teachers.init_from(params, teacher)
 
   def teacher_denoiser(self, teacher):
     """D(x; sigma, cond) of the frozen teacher in eval mode: its own method's denoiser (EDM

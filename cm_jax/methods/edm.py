@@ -65,6 +65,9 @@ class EDM:
   def target_decay(self, step):
     return jnp.zeros((), jnp.float32)
 
+  # Classifier-free guidance: w costs a second (unconditional) evaluation per step.
+  guidance_kind = "classifier_free"
+
   def sample(self, params, noise, keys, labels: Optional[jax.Array], num_steps: int,
              sampler: Optional[str] = None, guidance: float = 0.0, callback=None, **options):
     """EDM sampling from unit `noise` scaled to sigma_max on an `num_steps`-point grid."""

@@ -76,13 +76,19 @@ class VPDiffusion:
     """What the network sees as its time input: diffusion_distillation's 'inv_cos' input."""
     return param_lib.vp_time_input(logsnr)
 
-  def x_prediction(self, params, z, logsnr, cond, *, train=False, dropout_rng=None):
-    """x_hat(z_t) in VP coordinates (float32): the training loss's view."""
+  def prediction(self, params, z, logsnr, cond, *, train=False, dropout_rng=None):
+    """(x_hat, eps_hat) at z_t in VP coordinates (float32), each derived from the network's
+    output as dpm.py's `_run_model` derives model_x and model_eps (eps from v directly for
+    v-prediction, not by dividing z - alpha x_hat by a small sigma)."""
     apply = network_fn(self.net, params, train=train, dropout_rng=dropout_rng)
     logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), (z.shape[0],))
     alpha, sigma = schedules.vp_alpha_sigma(logsnr)
     out = apply(z, self.noise_cond(logsnr), cond).astype(jnp.float32)
-    return self.param.to_x(out, z, alpha, sigma)
+    return self.param.to_x(out, z, alpha, sigma), self.param.to_eps(out, z, alpha, sigma)
+
+  def x_prediction(self, params, z, logsnr, cond, *, train=False, dropout_rng=None):
+    """x_hat(z_t) in VP coordinates (float32): the training loss's view."""
+    return self.prediction(params, z, logsnr, cond, train=train, dropout_rng=dropout_rng)[0]
 
   def denoiser(self, params):
     """D(x; sigma) in VE coordinates (x = z / alpha, sigma = sigma_t / alpha_t): what every
@@ -125,6 +131,13 @@ class VPDiffusion:
     return jnp.concatenate([self.schedule.ve_sigma(u).astype(jnp.float32),
                             jnp.zeros((1,), jnp.float32)])
 
+  # Classifier-free guidance: w costs a second (unconditional) evaluation per step.
+  guidance_kind = "classifier_free"
+
+  def guided_sampling_denoiser(self, params, guidance: float, clip: bool):
+    """The denoiser the sampler runs with guidance strength w = `guidance`."""
+    return sampling_denoiser(self.denoiser(params), guidance, self.null_class, clip)
+
   def sample(self, params, noise, keys, labels: Optional[jax.Array], num_steps: int,
              sampler: Optional[str] = None, guidance: float = 0.0, clip_denoised=None,
              callback=None, **options):
@@ -135,7 +148,7 @@ class VPDiffusion:
     cond = cond_lib.Conditioning(labels=labels if self.conditional else None)
     clip = self.sample_cfg.get("clip_denoised", True) if clip_denoised is None else clip_denoised
     # dpm.py's eval_clip_denoised: x_hat clipped at every step (eps re-derived from it).
-    denoise = sampling_denoiser(self.denoiser(params), guidance, self.null_class, clip)
+    denoise = self.guided_sampling_denoiser(params, guidance, clip)
     grid = self.sampling_grid(num_steps)
     # z_T ~ N(0, I) at u = 1 is x_T = z_T / alpha_1 in VE coordinates.
     alpha_1 = self.schedule.alpha(jnp.ones(()))

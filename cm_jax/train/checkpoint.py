@@ -23,11 +23,13 @@ class RunCheckpoints:
   """Save / restore (state, data position, config) by step in a workdir."""
 
   def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, keep_period: Optional[int] = None):
+    """keep_period: steps that are multiples of it are never deleted (a method with rounds
+    keeps the checkpoint that ends each round: that round's finished student)."""
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        create=not read_only, read_only=read_only)
+        create=not read_only, read_only=read_only, keep_period=keep_period)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "config"))
 

@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from cm_jax import data as data_lib
 from cm_jax import sampling
+from cm_jax.methods import teachers
 from cm_jax.train import builders, parallel, rounds
 from cm_jax.train.checkpoint import (RunCheckpoints, data_state_for_process, is_remote,
-                                     process_data_states)
+                                     load_config, process_data_states)
 from cm_jax.train.metrics_log import MetricsLog
 from cm_jax.train.step import make_train_step
 from cm_jax.utils.images import save_grid_png, to_uint8
@@ -108,6 +109,10 @@ def train(config, workdir: str, *, num_steps: Optional[int] = None,
 
 def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, signals):
   tcfg = config.training
+  if tcfg.keep_checkpoints is not None and int(tcfg.keep_checkpoints) < 1:
+    # Orbax would delete every checkpoint, the one this run resumes from included.
+    raise ValueError(f"training.keep_checkpoints must be >= 1, got {tcfg.keep_checkpoints}: "
+                     f"fewer would delete every checkpoint of the run")
   accum = int(tcfg.get("grad_accum_steps", 1) or 1)
   parts = builders.build_parts(config)
   if hasattr(parts.method, "fit"):
@@ -126,14 +131,22 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
         config.data, global_batch_size=tcfg.batch_size, seed=config.seed,
         process_index=pindex, process_count=pcount)
   builders.check_data_matches(config, data_it.info)
-  ckpts = RunCheckpoints(workdir, max_to_keep=tcfg.keep_checkpoints)
+  # A method with rounds keeps the checkpoint that ends each round (its finished student).
+  ckpts = RunCheckpoints(workdir, max_to_keep=tcfg.keep_checkpoints,
+                         keep_period=plan[1] if plan is not None else None)
   if teacher_params is None and hasattr(parts.method, "load_teacher"):
     teacher_params = parts.method.load_teacher()  # refuses to start without its teacher
+  saved_config = _with_teacher_identity(config, getattr(parts.method, "teacher_identity", None),
+                                        workdir, ckpts)
   teacher_params = par.place_teacher(teacher_params)
   rng = jax.random.key(config.seed)
   init_rng = jax.random.fold_in(rng, 0x5EED)
   state = par.init_state(lambda r, t: builders.new_train_state(parts, config, r, t),
                          init_rng, teacher_params)
+  if plan is not None and getattr(parts.method, "teacher_seeds_only", False):
+    # The loaded teacher only chose the starting weights; every step reads the round's
+    # teacher from the state, so this copy need not ride along (memory).
+    teacher_params = None
   start = 0
   if ckpts.latest_step() is not None:
     host_state, data_state, start = ckpts.restore(par.host_abstract(state))
@@ -160,7 +173,7 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
 
   def save(done):
     data_states = parallel.gather_process_states(data_it.get_state())
-    ckpts.save(done, par.to_host(state), process_data_states(data_states), config)
+    ckpts.save(done, par.to_host(state), process_data_states(data_states), saved_config)
 
   try:
     for step in range(start, total):
@@ -214,7 +227,8 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
         grid_fn = grid_fn or _grid_writer(parts, config, par.mesh)
         grid_fn(par.sampling_state(state), _join(workdir, "samples", f"step_{done:07d}.png"))
 
-      if done % tcfg.save_every == 0 or done == total:
+      round_end = plan is not None and done % plan[1] == 0
+      if done % tcfg.save_every == 0 or done == total or round_end:
         _check_finite(metrics, step, last_saved)
         save(done)
         last_saved = done
@@ -223,6 +237,21 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
     log.close()
     ckpts.close()
   return par.to_host(state)
+
+
+def _with_teacher_identity(config, identity, workdir, ckpts):
+  """The config the checkpoints record: with the loaded teacher's identity (its step and a
+  hash of its weights), after refusing, in one line, to resume a run against a teacher other
+  than the one it was trained with (teachers.check_same_teacher)."""
+  if not identity:
+    return config
+  if ckpts.latest_step() is not None:
+    saved = load_config(workdir).method.get(teachers.IDENTITY_KEY)
+    teachers.check_same_teacher(saved, identity,
+                                bool(config.method.get(teachers.OVERRIDE_KEY, False)))
+  recorded = config.copy_and_resolve_references()
+  recorded.method[teachers.IDENTITY_KEY] = identity
+  return recorded
 
 
 def _total_steps(config, num_steps, plan) -> int:

@@ -1,14 +1,30 @@
-"""Optimizers from the config: Adam / AdamW / RAdam, linear warm-up, clipping."""
+"""Optimizers from the config: Adam / AdamW / RAdam, linear warm-up and anneal, clipping."""
 from __future__ import annotations
 
 import optax
 
+ANNEALS = ("none", "linear")
+
 
 def learning_rate_schedule(optim_cfg):
-  """Constant rate after a linear warm-up from 0 (EDM's lr ramp, in steps)."""
-  if optim_cfg.warmup_steps > 0:
-    return optax.linear_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps)
-  return optax.constant_schedule(optim_cfg.lr)
+  """A linear warm-up from 0 over warmup_steps (EDM's lr ramp), then the rate held
+  (anneal 'none') or brought linearly to 0 over anneal_steps (anneal 'linear', as
+  diffusion_distillation anneals each distillation round: learning_rate_anneal_type
+  'linear' over learning_rate_anneal_steps = the round's length). Steps count from the
+  optimizer's init, so a method with rounds restarts the schedule in every round."""
+  lr, warmup = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
+  anneal = optim_cfg.get("anneal", "none")
+  if anneal not in ANNEALS:
+    raise ValueError(f"unknown optim.anneal {anneal!r}; choose from {ANNEALS}")
+  after = optax.constant_schedule(lr)
+  if anneal == "linear":
+    steps = int(optim_cfg.get("anneal_steps", 0) or 0)
+    if steps < 1:
+      raise ValueError("optim.anneal='linear' needs optim.anneal_steps >= 1")
+    after = optax.linear_schedule(lr, 0.0, steps)
+  if warmup > 0:
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+  return after
 
 
 def build_optimizer(optim_cfg) -> optax.GradientTransformation:
