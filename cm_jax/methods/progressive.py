@@ -108,9 +108,6 @@ class ProgressiveDistillation(WConditionedVP):
   def rounds(self):
     return self.num_rounds, self.steps_per_round
 
-  def student_steps_of_round(self, round_index: int) -> int:
-    return self.teacher_steps >> (int(round_index) + 1)
-
   @classmethod
   def checkpoint_step_for(cls, config, num_steps: int) -> int:
     """The step of the checkpoint that ends the round whose student takes `num_steps`."""
