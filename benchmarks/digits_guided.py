@@ -36,6 +36,7 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 # pylint: disable=wrong-import-position
 from cm_jax import runs, sampling  # noqa: E402
 from cm_jax.eval import digits_metric, evaluator  # noqa: E402
+from cm_jax.methods import method_class  # noqa: E402
 from cm_jax.train import builders, parallel, rounds  # noqa: E402
 from configs import digits_guided, digits_pd, digits_vp  # noqa: E402
 from digits_quality import train_or_reuse, write_report  # noqa: E402
@@ -123,18 +124,23 @@ def main(argv=None) -> int:
     trained[name] = train_s if did else None
 
   metric = digits_metric.DigitsMetric()
+  mesh = parallel.make_mesh(chain[0][1].get("mesh"))  # the three configs share one mesh
   rows = []
 
+  loaded = {}  # (workdir, checkpoint step) -> (parts, run): each read once, not per w
+
   def score(model, name, config, workdir, num_steps, sampler, w, ckpt_step=None):
-    parts = builders.build_parts(config)
-    run = runs.load_run(workdir, config.sample.params, ckpt_step)
+    if (workdir, ckpt_step) not in loaded:
+      loaded[workdir, ckpt_step] = (builders.build_parts(config),
+                                    runs.load_run(workdir, config.sample.params, ckpt_step))
+    parts, run = loaded[workdir, ckpt_step]
     options, _ = sampling.guidance_options(parts.method, w)
     t0 = time.perf_counter()
     images, labels = sampling.generate(
         parts.method, run.params, num=args.num, seed=args.seed,
         batch_size=config.sample.batch_size, num_steps=num_steps,
         image_shape=parts.image_shape, num_classes=config.data.num_classes,
-        mesh=parallel.make_mesh(config.get("mesh")), sampler=sampler, **options)
+        mesh=mesh, sampler=sampler, **options)
     sample_s = time.perf_counter() - t0
     s = metric(images, labels)
     row = {"model": model, "run": name, "sampler": sampler, "num_steps": num_steps,
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
           flush=True)
 
   (_, t_cfg, t_dir), (_, g_cfg, g_dir), (_, p_cfg, p_dir) = chain
-  pd_cls = type(builders.build_parts(p_cfg).method)
+  pd_cls = method_class(p_cfg)
   for w in ws:
     score("teacher", "vp", t_cfg, t_dir, args.teacher_steps, "ddim", w)
     score("stage 1", "guided", g_cfg, g_dir, int(p_cfg.method.teacher_steps), "ddim", w)

@@ -33,10 +33,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from cm_jax import conditioning as cond_lib
-from cm_jax.diffusion import schedules
 from cm_jax.methods import teachers
 from cm_jax.methods.guidance import clipped
-from cm_jax.methods.vp_diffusion import VPDiffusion, loss_weight
+from cm_jax.methods.vp_diffusion import VPDiffusion
 
 # Runs whose x-prediction can be guided and distilled (their `denoiser(params)` in VE
 # coordinates, cm_jax.methods.base).
@@ -128,13 +127,6 @@ class WConditionedVP(VPDiffusion):
 
     return clipped(denoise) if clip else denoise
 
-  def _vp(self, u, like):
-    """(logsnr, alpha, sigma) of times u (B,), alpha/sigma shaped to broadcast over `like`."""
-    logsnr = self.schedule.logsnr(u)
-    bshape = (like.shape[0],) + (1,) * (like.ndim - 1)
-    alpha, sigma = (v.reshape(bshape) for v in schedules.vp_alpha_sigma(logsnr))
-    return logsnr, alpha, sigma
-
   def _teacher_mismatches(self, tcfg, new_layers) -> list[str]:
     """Why the student cannot start from (or be) this teacher's network, if it cannot."""
     problems = teachers.model_mismatches(tcfg, self.config, new_layers=new_layers)
@@ -222,13 +214,11 @@ class GuidedDistillation(WConditionedVP):
     labels = batch["label"]
     k_u, k_eps, k_w, k_drop = jax.random.split(rng, 4)
     u = jax.random.uniform(k_u, (b,), jnp.float32)
-    logsnr, alpha, sigma = self._vp(u, x)
-    z = alpha * x + sigma * jax.random.normal(k_eps, x.shape, jnp.float32)
+    z, logsnr, alpha, sigma = self.noised(x, u, k_eps)
     w = self.draw_w(k_w, b)
     target = jax.lax.stop_gradient(
         self.guided_teacher_x(aux["teacher"], z, alpha, sigma, labels, w))
     x_hat = self.x_prediction(params, z, logsnr, self.student_cond(labels, w), train=True,
                               dropout_rng=k_drop)
-    x_mse = jnp.mean(jnp.square(x_hat - target), axis=tuple(range(1, x.ndim)))
-    loss = jnp.mean(loss_weight(self.cfg.loss_weight, logsnr) * x_mse)
+    loss, x_mse = self.weighted_x_loss(x_hat, target, logsnr)
     return loss, {"loss": loss, "x_mse": jnp.mean(x_mse), "w": jnp.mean(w)}

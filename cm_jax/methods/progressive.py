@@ -38,7 +38,6 @@ import jax.numpy as jnp
 from cm_jax.diffusion import schedules, solvers
 from cm_jax.methods import teachers
 from cm_jax.methods.guided_distillation import WConditionedVP
-from cm_jax.methods.vp_diffusion import loss_weight
 
 # Runs that can be the first teacher: a VP diffusion model, a stage-1 guided student, or
 # the last student of another progressive run.
@@ -161,8 +160,7 @@ class ProgressiveDistillation(WConditionedVP):
     n = self.teacher_steps * jnp.exp2(-(jnp.asarray(ctx.round, jnp.float32) + 1.0))
     i = jnp.minimum(jnp.floor(jax.random.uniform(k_i, (b,), jnp.float32) * n), n - 1.0)
     u = (i + 1.0) / n
-    logsnr, alpha, sigma = self._vp(u, x)
-    z = alpha * x + sigma * jax.random.normal(k_eps, x.shape, jnp.float32)
+    z, logsnr, _, _ = self.noised(x, u, k_eps)
     cond = self.student_cond(labels, self.draw_w(k_w, b) if self.w_conditioned else None)
 
     def teacher_pred(z_, l_):
@@ -172,6 +170,5 @@ class ProgressiveDistillation(WConditionedVP):
         teacher_pred, z, logsnr, self.schedule.logsnr(u - 0.5 / n),
         self.schedule.logsnr(u - 1.0 / n), i == 0))
     x_hat = self.x_prediction(params, z, logsnr, cond, train=True, dropout_rng=k_drop)
-    x_mse = jnp.mean(jnp.square(x_hat - target), axis=tuple(range(1, x.ndim)))
-    loss = jnp.mean(loss_weight(self.cfg.loss_weight, logsnr) * x_mse)
+    loss, x_mse = self.weighted_x_loss(x_hat, target, logsnr)
     return loss, {"loss": loss, "x_mse": jnp.mean(x_mse), "student_steps": n}

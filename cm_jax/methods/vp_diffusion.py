@@ -104,17 +104,28 @@ class VPDiffusion:
     b = x.shape[0]
     k_u, k_eps, k_drop, k_label = jax.random.split(rng, 4)
     u = jax.random.uniform(k_u, (b,), jnp.float32)
-    logsnr = self.schedule.logsnr(u)
-    eps = jax.random.normal(k_eps, x.shape, jnp.float32)
-    bshape = (b,) + (1,) * (x.ndim - 1)
-    alpha, sigma = (v.reshape(bshape) for v in schedules.vp_alpha_sigma(logsnr))
-    z = alpha * x + sigma * eps
+    z, logsnr, _, _ = self.noised(x, u, k_eps)
     cond = cond_lib.Conditioning(labels=batch["label"] if self.conditional else None)
     cond = cond_lib.drop_labels(cond, k_label, self.label_dropout, self.null_class)
     x_hat = self.x_prediction(params, z, logsnr, cond, train=True, dropout_rng=k_drop)
-    x_mse = jnp.mean(jnp.square(x_hat - x), axis=tuple(range(1, x.ndim)))
-    loss = jnp.mean(loss_weight(self.cfg.loss_weight, logsnr) * x_mse)
+    loss, x_mse = self.weighted_x_loss(x_hat, x, logsnr)
     return loss, {"loss": loss, "x_mse": jnp.mean(x_mse)}
+
+  def noised(self, x, u, rng):
+    """(z_u = alpha_u x + sigma_u eps, logsnr (B,), alpha, sigma) at times u (B,), eps drawn
+    from `rng`; alpha and sigma shaped to broadcast over x. The distillation methods that
+    build on this one noise their data the same way."""
+    logsnr = self.schedule.logsnr(u)
+    eps = jax.random.normal(rng, x.shape, jnp.float32)
+    bshape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    alpha, sigma = (v.reshape(bshape) for v in schedules.vp_alpha_sigma(logsnr))
+    return alpha * x + sigma * eps, logsnr, alpha, sigma
+
+  def weighted_x_loss(self, x_hat, target, logsnr):
+    """(mean_b w(logsnr_b) ||x_hat_b - target_b||^2 / d, the per-example x-MSE) with the
+    configured method.loss_weight (see the module doc)."""
+    x_mse = jnp.mean(jnp.square(x_hat - target), axis=tuple(range(1, x_hat.ndim)))
+    return jnp.mean(loss_weight(self.cfg.loss_weight, logsnr) * x_mse), x_mse
 
   def uses_target(self) -> bool:
     return False
