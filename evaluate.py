@@ -125,6 +125,8 @@ def _samples_from_run(mesh_holder: dict):
         mesh=mesh, progress=True, **options)
   except sampling.NonFiniteSamplesError as e:
     _fail(f"step {step}, weights {run.which!r}: {e}")
+  except ValueError as e:  # e.g. a sampler or step count the method refuses, in one line
+    _fail(str(e))
   wall = time.perf_counter() - t0
   protocol = {
       "source": "workdir", "workdir": os.path.abspath(_WORKDIR.value), "checkpoint_step": step,

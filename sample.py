@@ -112,6 +112,8 @@ def main(argv):
         mesh=parallel.make_mesh(config.get("mesh")), progress=True, **options)
   except sampling.NonFiniteSamplesError as e:
     sys.exit(f"sample.py: step {step}, weights {run.which!r}: {e}")
+  except ValueError as e:  # e.g. a sampler or step count the method refuses, in one line
+    sys.exit(f"sample.py: {e}")
 
   save_samples_npz(_OUT.value, images, labels)
   grid = _GRID.value or os.path.splitext(_OUT.value)[0] + ".png"

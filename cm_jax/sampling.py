@@ -74,6 +74,12 @@ def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps:
   if mesh is not None:
     devices = sharding.batch_divisor(mesh)  # rows split over (data, fsdp)
     batch_size = max(devices, batch_size - batch_size % devices)
+  check = getattr(method, "check_sample_options", None)
+  if check is not None:  # refused before any weights are read or anything is compiled
+    check(num_steps, **sampler_options)
+  prepare = getattr(method, "sampling_params", None)
+  if prepare is not None:  # e.g. OLSS: the fitted coefficients and the teacher they drive
+    params = prepare(params)
   fn = make_sample_fn(method, tuple(image_shape), num_classes, num_steps, class_label, mesh,
                       **sampler_options)
   images, labels = [], []

@@ -5,6 +5,7 @@ from cm_jax.methods.consistency import (ConsistencyDistillation, ConsistencyTrai
                                         ImprovedConsistencyTraining)
 from cm_jax.methods.edm import EDM
 from cm_jax.methods.guided_distillation import GuidedDistillation
+from cm_jax.methods.olss import OLSS
 from cm_jax.methods.progressive import ProgressiveDistillation
 from cm_jax.methods.vp_diffusion import VPDiffusion
 
@@ -16,6 +17,7 @@ METHODS = {
     "ict": ImprovedConsistencyTraining,
     "guided": GuidedDistillation,
     "pd": ProgressiveDistillation,
+    "olss": OLSS,
 }
 
 

@@ -102,6 +102,15 @@ class Method(Protocol):
   #   abstract_fit_params(self) -> Params
   #       the shapes of fit's result (jax.ShapeDtypeStruct leaves), so readers of
   #       the run (sample.py, evaluate.py) can restore it without fitting again.
+  #   fitted_method_fields(self) -> dict
+  #       config.method fields the fitted run's saved config records (OLSS: the teacher's
+  #       step and identity, read again and checked at sampling).
+  #   sampling_params(self, params) -> Params
+  #       what sample() takes, built from the run's parameters before sampling
+  #       (cm_jax.sampling.generate): OLSS adds the teacher's weights to its coefficients.
+  #   check_sample_options(self, num_steps, **sampler_options) -> None
+  #       a one-line ValueError for a step count or sampler the method cannot sample
+  #       with, raised by cm_jax.sampling.generate before anything is read or compiled.
 
   def sample(self, params: Params, noise: jax.Array, keys: jax.Array,
              labels: Optional[jax.Array], num_steps: int, **options) -> jax.Array:

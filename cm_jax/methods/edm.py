@@ -68,20 +68,28 @@ class EDM:
   # Classifier-free guidance: w costs a second (unconditional) evaluation per step.
   guidance_kind = "classifier_free"
 
+  def sampling_setup(self, params, noise, num_steps: int, guidance: float = 0.0,
+                     clip_denoised=None):
+    """(denoise, x_T, grid) of sample(): the guided, optionally clipped denoiser, unit
+    `noise` scaled to sigma_max, and the Karras grid of `num_steps` levels plus 0 (EDM
+    eq. 5). OLSS runs the teacher's own sampler through this (cm_jax.methods.olss)."""
+    grid = grids.append_zero(grids.karras_sigmas(
+        num_steps, self.precond.sigma_min, self.precond.sigma_max, self.precond.rho))
+    clip = (bool(self.sample_cfg.get("clip_denoised", False)) if clip_denoised is None
+            else bool(clip_denoised))
+    denoise = sampling_denoiser(self.denoiser(params), guidance, self.null_class, clip)
+    return denoise, noise * grid[0], grid
+
   def sample(self, params, noise, keys, labels: Optional[jax.Array], num_steps: int,
              sampler: Optional[str] = None, guidance: float = 0.0, callback=None, **options):
     """EDM sampling from unit `noise` scaled to sigma_max on an `num_steps`-point grid."""
     sampler = sampler or self.sample_cfg.sampler
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"unknown EDM sampler {sampler!r}; choose from {sorted(samplers.SAMPLERS)}")
-    grid = grids.append_zero(grids.karras_sigmas(
-        num_steps, self.precond.sigma_min, self.precond.sigma_max, self.precond.rho))
-    x_T = noise * grid[0]
+    denoise, x_T, grid = self.sampling_setup(params, noise, num_steps, guidance)
     if sampler == "edm_stochastic":
       for key in ("s_churn", "s_min", "s_max", "s_noise"):
         options.setdefault(key, self.sample_cfg.get(key))
     cond = cond_lib.Conditioning(labels=labels if self.conditional else None)
-    denoise = sampling_denoiser(self.denoiser(params), guidance, self.null_class,
-                                bool(self.sample_cfg.get("clip_denoised", False)))
     x0 = samplers.SAMPLERS[sampler](denoise, x_T, grid, keys, cond, callback, **options)
     return jnp.clip(x0, -1.0, 1.0)

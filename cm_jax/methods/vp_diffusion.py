@@ -149,6 +149,18 @@ class VPDiffusion:
     """The denoiser the sampler runs with guidance strength w = `guidance`."""
     return sampling_denoiser(self.denoiser(params), guidance, self.null_class, clip)
 
+  def sampling_setup(self, params, noise, num_steps: int, guidance: float = 0.0,
+                     clip_denoised=None):
+    """(denoise, x_T, grid) of sample(): the guided denoiser, clipped as dpm.py's
+    eval_clip_denoised (x_hat clipped at every step, eps re-derived from it) unless
+    `clip_denoised` says otherwise, z_T = `noise` in VE coordinates, and the DDIM grid.
+    OLSS runs the teacher's own sampler through this (cm_jax.methods.olss)."""
+    clip = self.sample_cfg.get("clip_denoised", True) if clip_denoised is None else clip_denoised
+    denoise = self.guided_sampling_denoiser(params, guidance, bool(clip))
+    # z_T ~ N(0, I) at u = 1 is x_T = z_T / alpha_1 in VE coordinates.
+    alpha_1 = self.schedule.alpha(jnp.ones(()))
+    return denoise, noise / alpha_1, self.sampling_grid(num_steps)
+
   def sample(self, params, noise, keys, labels: Optional[jax.Array], num_steps: int,
              sampler: Optional[str] = None, guidance: float = 0.0, clip_denoised=None,
              callback=None, **options):
@@ -157,13 +169,7 @@ class VPDiffusion:
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(samplers.SAMPLERS)}")
     cond = cond_lib.Conditioning(labels=labels if self.conditional else None)
-    clip = self.sample_cfg.get("clip_denoised", True) if clip_denoised is None else clip_denoised
-    # dpm.py's eval_clip_denoised: x_hat clipped at every step (eps re-derived from it).
-    denoise = self.guided_sampling_denoiser(params, guidance, clip)
-    grid = self.sampling_grid(num_steps)
-    # z_T ~ N(0, I) at u = 1 is x_T = z_T / alpha_1 in VE coordinates.
-    alpha_1 = self.schedule.alpha(jnp.ones(()))
-    x_T = noise / alpha_1
+    denoise, x_T, grid = self.sampling_setup(params, noise, num_steps, guidance, clip_denoised)
     if sampler == "edm_stochastic":
       for key in ("s_churn", "s_min", "s_max", "s_noise"):
         options.setdefault(key, self.sample_cfg.get(key))

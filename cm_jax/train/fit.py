@@ -60,10 +60,12 @@ class LazyIterator:
     return getattr(self._get(), name)
 
 
-def fitted_config(config):
-  """The config saved with a fitted run (see the module docstring)."""
+def fitted_config(config, method_fields=None):
+  """The config saved with a fitted run (see the module docstring), with the method's
+  `fitted_method_fields()` (e.g. the teacher's step and identity) in config.method."""
   saved = config.copy_and_resolve_references()
   with saved.unlocked():
+    saved.method.update(method_fields or {})
     saved.method.kind = FITTED_KIND
     saved.ema.rates = ()
     saved.ema.halflife_kimg = 0.0
@@ -131,7 +133,9 @@ def fit_run(config, workdir: str, *, teacher_params=None, data_iterator=None):
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   ckpts = RunCheckpoints(workdir, async_save=False)
   try:
-    ckpts.save(0, state, {"fitted": True}, fitted_config(config), wait=True)
+    fields = getattr(method, "fitted_method_fields", None)
+    ckpts.save(0, state, {"fitted": True},
+               fitted_config(config, fields() if fields is not None else None), wait=True)
   finally:
     ckpts.close()
   return state
