@@ -7,6 +7,11 @@ benchmarks). It restores only the chosen subtree of the checkpoint's train state
 target, with Orbax's partial restore, as arrays replicated over this machine's devices.
 Resuming training needs the whole state: that is cm_jax.train.restore.
 
+Damage (cm_jax.train.checkpoint saves a checksum item with every step): without a step
+number, readers take the newest checkpoint that reads and whose arrays match their saved
+checksums, with one warning line per step passed over; a step asked for by number fails
+in one line instead (UnreadableCheckpointError).
+
 This module sits below cm_jax.methods and must not import cm_jax.train or
 cm_jax.methods (tests/test_layering.py); cm_jax.train.checkpoint and cm_jax.train.ema
 re-export what they share with it (checkpoint_dir, load_config, ema_names, ...).
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -23,8 +29,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cm_jax.utils import checksums
+
 CHECKPOINT_SUBDIR = "checkpoints"
-ITEM_NAMES = ("state", "data", "config")
+ITEM_NAMES = ("state", "data", "config", "checksums")
+CHECKSUM_VERSION = 1  # the checksums item: {"version", "sums": {path: [s1, s2]}}
 HALFLIFE = "halflife"  # the name of EDM's half-life EMA copy
 FITTED_KIND = "fitted"  # config.method.kind of a run written by cm_jax.train.fit
 KINDS = ("trained", "imported", FITTED_KIND)
@@ -81,9 +90,99 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
     raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory: train a model there "
                             f"first (python train.py --config ... --workdir {workdir})")
   handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-              "config": ocp.JsonCheckpointHandler()}
+              "config": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+class UnreadableCheckpointError(FileNotFoundError):
+  """No checkpoint that was asked for (or, for the latest, none at all) could be read."""
+
+
+class ChecksumMismatchError(ValueError):
+  """Arrays read back differ from what was saved (bytes changed on disk)."""
+
+
+class RunRequestError(ValueError):
+  """The checkpoint was read but holds no such copy: the request is wrong, not the file."""
+
+
+_WARNED = set()  # (directory, step, what became of it) already reported, once per process
+
+
+def describe_failure(e: BaseException) -> str:
+  """One short line for a failed read (Orbax raises a bare Exception with TensorStore's
+  multi-line details for a damaged data file)."""
+  text = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
+  text = text if len(text) <= 160 else text[:157] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def warn_skipped(directory: str, step: int, reason: str, used: int,
+                 kept: str = "left in place") -> None:
+  """The loud line for a checkpoint passed over as unreadable (printed once)."""
+  if (directory, step, kept) not in _WARNED:
+    _WARNED.add((directory, step, kept))
+    print(f"warning: checkpoint step {step} in {directory} is unreadable ({reason}); "
+          f"using step {used}; the broken step is {kept}", file=sys.stderr, flush=True)
+
+
+def read_newest_readable(manager, workdir: str, step: Optional[int], read, set_aside=None):
+  """(read(manager, s), s) for `step`, or when it is None for the newest step that reads:
+  newer unreadable ones are reported (warn_skipped) and passed over, left in place or,
+  with `set_aside(step) -> where`, moved there first. One-line UnreadableCheckpointError
+  when the step asked for, or every step, fails."""
+  directory = checkpoint_dir(workdir)
+  if step is not None:
+    steps = [_resolve_step(manager, workdir, step)]
+  else:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint saved yet in {directory}")
+  failures = []
+  for s in steps:
+    try:
+      result = read(manager, s)
+    except RunRequestError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (Orbax: bare Exception, KeyError)
+      failures.append((s, describe_failure(e)))
+      continue
+    for bad, reason in failures:
+      kept = f"moved to {set_aside(bad)}" if set_aside is not None else "left in place"
+      warn_skipped(directory, bad, reason, s, kept)
+    return result, s
+  if step is not None:
+    raise UnreadableCheckpointError(f"checkpoint step {step} in {directory} is unreadable "
+                                    f"({failures[0][1]})")
+  raise UnreadableCheckpointError(f"no checkpoint in {directory} could be read (" + "; ".join(
+      f"step {bad}: {reason}" for bad, reason in failures) + ")")
+
+
+def saved_checksums(manager, step: int) -> Optional[dict]:
+  """The checksums saved with checkpoint `step`, or None (written before checksums)."""
+  try:
+    item = manager.restore(step, args=ocp.args.Composite(
+        checksums=ocp.args.JsonRestore())).checksums
+  except KeyError:  # Orbax: 'Item "checksums" was not found in the checkpoint'
+    return None
+  return item.get("sums") if isinstance(item, dict) else None
+
+
+def verify_restored(manager, step: int, tree, prefix: str, what: str) -> None:
+  """Raises ChecksumMismatchError (the checkpoint counts as unreadable) when `tree`, read
+  from checkpoint `step` at `prefix` of its train state, differs from what was saved;
+  reports NaN/inf in it in one line (the weights read back as saved, but are not usable)."""
+  sums, nonfinite = checksums.tree_stats(tree, prefix)
+  saved = saved_checksums(manager, step)
+  if saved is not None:
+    bad = checksums.mismatches(saved, sums)
+    if bad:
+      raise ChecksumMismatchError(f"checksum mismatch in {len(bad)} of {len(sums)} arrays, "
+                                  f"e.g. {bad[0]}: the bytes on disk changed after saving")
+  if nonfinite:
+    print(f"warning: {what} in {manager.directory} holds NaN/inf in {len(nonfinite)} "
+          f"arrays, e.g. {nonfinite[0]}", file=sys.stderr, flush=True)
 
 
 def _resolve_step(manager, workdir: str, step: Optional[int]) -> int:
@@ -115,8 +214,8 @@ def load_config(workdir: str, step: Optional[int] = None) -> ml_collections.Conf
   """The config a run was trained with, read back from its checkpoint `step` (default latest)."""
   manager = _reader(workdir)
   try:
-    step = _resolve_step(manager, workdir, step)
-    raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    raw, _ = read_newest_readable(manager, workdir, step, lambda m, s: m.restore(
+        s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
   finally:
     manager.close()
   return config_from_json(raw)
@@ -181,34 +280,45 @@ def load_run(workdir: str, which: Optional[str] = None, step: Optional[int] = No
   """
   manager = _reader(workdir)
   try:
-    step = _resolve_step(manager, workdir, step)
-    head = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                         data=ocp.args.JsonRestore()))
-    config = config_from_json(head.config)
-    which = which or config.get("sample", {}).get("params", "ema")
-    name = choose_copy(which, ema_names(config.ema))
-    path = ("params",) if name == "online" else ("ema", name)
-    saved = manager.item_metadata(step)["state"]
-    saved = getattr(saved, "tree", saved)
-    node = saved
-    for key in path:
-      if not isinstance(node, dict) or key not in node:
-        raise ValueError(f"{checkpoint_dir(workdir)} step {step} holds no {'/'.join(path)} "
-                         f"copy (its config asks for it; was the checkpoint written by "
-                         f"another version?)")
-      node = node[key]
-    sharding = replicated_sharding()
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                                           sharding=sharding), node)
-    for key in reversed(path):
-      abstract = {key: abstract}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True)))
+    (config, params, name, data), step = read_newest_readable(
+        manager, workdir, step, lambda m, s: _read_copy(m, workdir, s, which))
   finally:
     manager.close()
+  return Run(config=config, params=params, step=int(step), which=name,
+             kind=run_kind(config, data))
+
+
+def _read_copy(manager, workdir: str, step: int, which: Optional[str]):
+  """(config, the `which` weights, their name, the data item) of checkpoint `step`."""
+  head = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                       data=ocp.args.JsonRestore()))
+  config = config_from_json(head.config)
+  which = which or config.get("sample", {}).get("params", "ema")
+  try:
+    name = choose_copy(which, ema_names(config.ema))
+  except ValueError as e:
+    raise RunRequestError(str(e)) from None
+  path = ("params",) if name == "online" else ("ema", name)
+  saved = manager.item_metadata(step)["state"]
+  saved = getattr(saved, "tree", saved)
+  node = saved
+  for key in path:
+    if not isinstance(node, dict) or key not in node:
+      raise RunRequestError(f"{checkpoint_dir(workdir)} step {step} holds no "
+                            f"{'/'.join(path)} copy (its config asks for it; was the "
+                            f"checkpoint written by another version?)")
+    node = node[key]
+  sharding = replicated_sharding()
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                                         sharding=sharding), node)
+  for key in reversed(path):
+    abstract = {key: abstract}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True)))
   params = restored.state
   for key in path:
     params = params[key]
-  return Run(config=config, params=params, step=int(step), which=name,
-             kind=run_kind(config, head.data))
+  copy = "/".join(path)
+  verify_restored(manager, step, params, copy, f"the {copy} weights of step {step}")
+  return config, params, name, head.data

@@ -1,6 +1,7 @@
 """The one trainer: exact resume, metrics on disk, and a clean stop on NaN."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,20 @@ def test_metrics_and_checkpoints_written(tiny_edm_run):
   # The params moved away from their initial values and the EMA tracks them.
   assert int(state.step) == 4
   assert set(state.ema) == {"halflife"}
+
+
+def test_resume_drops_the_metrics_rows_a_kill_left_after_the_checkpoint(tiny_edm_run, tmp_path):
+  """kill -9 after step 6 was logged but before it was saved: the restart from step 4
+  replays steps 5-6, so their rows (and a torn last line) go before they are logged again."""
+  config, workdir, _ = tiny_edm_run
+  copy = str(tmp_path / "killed")
+  shutil.copytree(workdir, copy)
+  with open(os.path.join(copy, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 6, "loss": 123.0}) + "\n" + '{"step": 8, "lo')
+  loop.train(config, copy, num_steps=6, progress=False)
+  rows = [json.loads(line) for line in open(os.path.join(copy, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [2, 4, 6]
+  assert rows[-1]["loss"] != 123.0  # the replayed step's own row
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_edm_run, tmp_path, monkeypatch):

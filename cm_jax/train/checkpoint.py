@@ -12,11 +12,17 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 # The directory layout and the config reader live below cm_jax.methods (cm_jax.runs), so
 # the CD teacher and sample.py read runs without importing the trainer; re-exported here.
-from cm_jax.runs import (CHECKPOINT_SUBDIR, checkpoint_dir, config_from_json, is_remote,  # noqa: F401
-                         load_config, with_default_sharding)
+from cm_jax.runs import (CHECKPOINT_SUBDIR, CHECKSUM_VERSION, ITEM_NAMES, checkpoint_dir,  # noqa: F401
+                         config_from_json, is_remote, load_config, read_newest_readable,
+                         verify_restored, with_default_sharding)
+from cm_jax.utils import checksums
+
+UNREADABLE_SUFFIX = "_unreadable"  # <workdir>/checkpoints_unreadable/<step>: set aside
 
 
 class RunCheckpoints:
@@ -26,34 +32,64 @@ class RunCheckpoints:
                read_only: bool = False, keep_period: Optional[int] = None):
     """keep_period: steps that are multiples of it are never deleted (a method with rounds
     keeps the checkpoint that ends each round: that round's finished student)."""
+    self.workdir, self.read_only = workdir, read_only
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only, keep_period=keep_period)
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data", "config"))
+        self.directory, options=options, item_names=ITEM_NAMES)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict,
            wait: bool = False) -> None:
+    sums, _ = checksums.tree_stats(state)  # of what is written, before it is written
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(json.loads(config.to_json()))))
+        config=ocp.args.JsonSave(json.loads(config.to_json())),
+        checksums=ocp.args.JsonSave({"version": CHECKSUM_VERSION, "sums": sums})))
     if wait:
       self.manager.wait_until_finished()
 
   def restore(self, abstract_state, step: Optional[int] = None) -> tuple[Any, dict, int]:
-    """(state, data position, step) of `step` (default: the latest)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """(state, data position, step) of `step`, by default of the newest checkpoint that
+    reads: newer unreadable ones (a truncated or zeroed file, an empty step directory)
+    are reported in one loud line each and, unless read-only, moved to
+    <workdir>/checkpoints_unreadable/ (never deleted: the run will save those step
+    numbers again). One line when none reads."""
+    if self.latest_step() is None and step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+    args = ocp.args.Composite(
         state=ocp.args.StandardRestore(with_default_sharding(abstract_state)),
-        data=ocp.args.JsonRestore()))
+        data=ocp.args.JsonRestore())
+    def read(manager, s):
+      restored = manager.restore(s, args=args)
+      verify_restored(manager, s, restored.state, "", f"the train state of step {s}")
+      return restored
+
+    restored, step = read_newest_readable(
+        self.manager, self.workdir, step, read,
+        set_aside=None if self.read_only else self._set_aside)
+    if not self.read_only:
+      self.manager.reload()  # forget the steps moved aside
     return restored.state, restored.data, step
+
+  def _set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` out of the manager's directory; returns where it went."""
+    dest = epath.Path(self.directory + UNREADABLE_SUFFIX) / str(step)
+    if jax.process_index() == 0:
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      suffix = 0
+      while dest.exists():  # an earlier run set the same step aside
+        suffix += 1
+        dest = dest.parent / f"{step}.{suffix}"
+      (epath.Path(self.directory) / str(step)).rename(dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"cm_jax: checkpoint {step} set aside")
+    return str(dest)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -165,7 +165,7 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
       make_train_step(parts.method, parts.optimizer, config.ema, tcfg.batch_size,
                       grad_accum_steps=accum, axis_name=par.axis_name),
       state, teacher_params)
-  log = MetricsLog(workdir, enabled=pindex == 0)
+  log = MetricsLog(workdir, enabled=pindex == 0, resume_step=start)
   grid_fn = None
   pending, window, t_window = None, [], time.perf_counter()
   bar = tqdm(total=total, initial=start, desc="train", unit="step",
