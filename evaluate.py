@@ -91,7 +91,7 @@ def _samples_from_run(mesh_holder: dict):
   which = _PARAMS.value or config.sample.params
   num_steps = _STEPS.value or config.sample.num_steps
   if _TS.value:
-    num_steps = _STEPS.value or len(_TS.value) - 1
+    num_steps = _STEPS.value or sampling.ts_num_steps(config, _TS.value, _GRID_POINTS.value)
   try:  # only the chosen copy of the weights is read (cm_jax.runs)
     ckpt_step = sampling.checkpoint_step_for(config, num_steps, _STEP.value)
     run = runs.load_run(_WORKDIR.value, which, ckpt_step)

@@ -73,7 +73,7 @@ def main(argv):
 
   num_steps = _STEPS.value or config.sample.num_steps
   if _TS.value:
-    num_steps = _STEPS.value or len(_TS.value) - 1
+    num_steps = _STEPS.value or sampling.ts_num_steps(config, _TS.value, _GRID_POINTS.value)
   try:  # only the chosen copy of the weights is read (cm_jax.runs)
     # A progressive-distillation run keeps one student per step count: read that one.
     ckpt_step = sampling.checkpoint_step_for(config, num_steps, _STEP.value)

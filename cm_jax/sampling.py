@@ -102,6 +102,19 @@ def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps:
   return images, (labels if num_classes > 0 else None)
 
 
+def ts_num_steps(config, ts, grid_points: Optional[int] = None) -> int:
+  """The step count a consistency model's `--ts` means: its network evaluations under CM
+  Algorithm 1 (cm_sampling.evaluated_levels) on the `grid_points` grid (default
+  config.sample.grid_points). A `ts` that is not a valid index list gives len(ts) - 1, so
+  the sampler's own check names it in one line."""
+  from cm_jax.methods import cm_sampling  # pylint: disable=g-import-not-at-top
+  grid = grid_points or config.sample.get("grid_points", 0) or 40
+  try:
+    return cm_sampling.ts_evaluations([int(t) for t in ts], grid)
+  except ValueError:
+    return len(ts) - 1
+
+
 def checkpoint_step_for(config, num_steps: int, requested: Optional[int]) -> Optional[int]:
   """The checkpoint a reader should sample `num_steps` from: `requested` when given; for a
   method whose run keeps one student per step count (progressive distillation:

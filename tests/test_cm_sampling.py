@@ -95,6 +95,42 @@ def test_sample_resolves_config_ts(ct_run):
     m.sample(None, None, None, None, 1, sampler="heun")
 
 
+def test_sampling_and_editing_share_one_ts_convention(ct_run):
+  """CM Algorithm 1: f at every level of ts except a trailing sigma_min (index N - 1), for
+  the sampler and for editing alike; a ts ending elsewhere evaluates f there too."""
+  from cm_jax.methods import cm_editing  # pylint: disable=g-import-not-at-top
+  grid = np.asarray(cm_sampling.karras_levels(range(18), 18), np.float32)
+  for ts, evaluated in (((0, 9, 17), (0, 9)), ((0, 9, 12), (0, 9, 12)), ((0, 17), (0,))):
+    want = grid[list(evaluated)]
+    np.testing.assert_array_equal(cm_sampling.evaluated_levels(ts, 18), want)
+    np.testing.assert_array_equal(cm_editing.sigmas_from_indices(ts, 18), want)
+    assert cm_sampling.ts_evaluations(ts, 18) == len(evaluated)
+
+  config, m, params = ct_run
+  seen = []
+  inner = m.consistency_fn
+
+  def recording(p):
+    f = inner(p)
+
+    def call(x, sigma, labels=None, cond=None):
+      jax.debug.callback(lambda s: seen.append(float(s[0])), sigma)
+      return f(x, sigma, labels) if cond is None else f(x, sigma, labels, cond)
+    return call
+
+  m.consistency_fn = recording
+  try:
+    noise = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    keys = jax.random.split(jax.random.key(1), 2)
+    x = m.sample(params, noise, keys, jnp.arange(2), 3, ts=(0, 9, 12), grid_points=18)
+  finally:
+    del m.consistency_fn
+  np.testing.assert_allclose(seen, grid[[0, 9, 12]], rtol=1e-6)
+  assert float(jnp.max(jnp.abs(x))) <= 1.0
+  assert sampling.ts_num_steps(config, ("0", "9", "12"), 18) == 3
+  assert sampling.ts_num_steps(config, ("0", "9", "17"), 18) == 2
+
+
 @pytest.mark.parametrize("lo,hi", [(1, 38), (3, 3), (4, 5), (4, 6), (0, 7)])
 def test_ternary_search(lo, hi):
   calls = []

@@ -26,6 +26,21 @@ def test_ct_num_scales_endpoints_and_middle(s0, s1, K):
     assert int(S.ct_num_scales(K // 2, K, s0, s1)) == 107
 
 
+@pytest.mark.parametrize("s0,s1,K", [(2, 150, 800_000), (2, 200, 800_000), (2, 150, 600_000),
+                                     (2, 150, 1_000_000), (2, 40, 1_000_000)])
+def test_ct_num_scales_at_every_step_is_the_float64_schedule(s0, s1, K):
+  """Every k of a full schedule against the formula in float64 numpy (the reference's
+  arithmetic); float32 is one too low at some k (the CIFAR-10 steps named below)."""
+  k = np.arange(K + 1, dtype=np.float64)
+  want = np.maximum(np.ceil(np.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1), 1) + 1
+  got = np.asarray(jax.jit(jax.vmap(lambda i: S.ct_num_scales(i, K, s0, s1)))(
+      jnp.arange(K + 1, dtype=jnp.int32)))
+  np.testing.assert_array_equal(got, want.astype(np.int32))
+  if (s0, s1, K) == (2, 150, 800_000):
+    for step in (202553, 316568, 350783, 522174, 620608, 747888, 758170):
+      assert int(S.ct_num_scales(step, K, s0, s1)) == _n_paper(step, K, s0, s1), step
+
+
 def test_ct_num_scales_traced_and_monotone():
   ks = jnp.arange(0, 1001, 7)
   ns = jax.jit(jax.vmap(lambda k: S.ct_num_scales(k, 1000, 2, 150)))(ks)

@@ -137,6 +137,35 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
   assert "CIFAR-10" in capsys.readouterr().err
 
 
+def test_openai_edm_teachers_clip_the_denoiser_as_karras_sample_does():
+  """openai/consistency_models samples its EDM teachers with clip_denoised=True; EDM's
+  own checkpoints (Algorithm 1) and cm_jax's EDM configs do not clip."""
+  openai = presets.build_config("imagenet64", "openai", "edm", num_classes=1000)
+  assert openai.sample.clip_denoised is True and openai.sample.sampler == "heun"
+  assert openai.sample.num_steps == 40
+  assert presets.build_config("imagenet64", "edm", "edm", num_classes=1000).sample.clip_denoised \
+      is False
+  assert presets.build_config("imagenet64", "openai", "cd", num_classes=1000).sample.get(
+      "clip_denoised", False) is False
+
+
+def test_sample_clip_denoised_clamps_every_evaluation(tiny_edm_run):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cm_jax import conditioning as cond_lib  # pylint: disable=g-import-not-at-top
+  config, _, state = tiny_edm_run
+  x = jnp.full((2, 8, 8, 1), 3.0)  # c_skip(0.5) = 0.5: D is about 1.5, outside [-1, 1]
+  outs = {}
+  for clip in (False, True):
+    c = config.copy_and_resolve_references()
+    c.sample.clip_denoised = clip
+    method = builders.build_parts(c).method
+    denoise, _, _ = method.sampling_setup(state.ema["halflife"], x, 4)
+    cond = cond_lib.Conditioning(labels=jnp.array([0, 1]))
+    outs[clip] = np.asarray(denoise(x, jnp.full((2,), 0.5), cond))
+  assert outs[False].max() > 1.0
+  np.testing.assert_array_equal(outs[True], np.clip(outs[False], -1.0, 1.0))
+
+
 @pytest.mark.parametrize("preset,source,method,count", [
     ("imagenet64", "openai", "cd", 295_899_267),
     ("imagenet64", "edm", "edm", 295_899_267),

@@ -153,8 +153,12 @@ def build_config(preset: str, source: str, method: str, *, num_classes: Optional
     c.data.update(num_classes=int(num_classes))
   if source == "openai":
     c.precond.update(c_noise="openai", sigma_data=0.5)
-    if method == "edm":  # the openai EDM teachers were sampled with Heun, 40 steps, no churn
-      c.sample.update(sampler="heun", num_steps=40 if not tiny else c.sample.num_steps)
+    if method == "edm":
+      # The openai EDM teachers were sampled with Heun, 40 steps, no churn, and
+      # karras_sample's default clip_denoised=True: D(x; sigma) clamped to [-1, 1] at
+      # every evaluation (EDM Algorithm 1 does not clip; cm_jax's own EDM configs do not).
+      c.sample.update(sampler="heun", num_steps=40 if not tiny else c.sample.num_steps,
+                      clip_denoised=True)
   else:
     c.precond.update(c_noise="edm", sigma_data=float(sigma_data))
   if method == "cd" and teacher_workdir:

@@ -33,7 +33,8 @@ last index is the level the final noise is drawn at, and with ts[-1] = N-1
 sigmas used here and drops a trailing sigma_min, where f(x, sigma_min) = x
 anyway, so the same `ts` gives the same number of network evaluations and the
 same result in distribution. (When ts[-1] is not N-1 the reference returns a
-still-noisy image; here the last level is evaluated instead.)
+still-noisy image; here the last level is evaluated instead, as CM Algorithm 1 does and
+as cm_jax's sampler does: cm_sampling.evaluated_levels is the one rule for both.)
 """
 from __future__ import annotations
 
@@ -65,13 +66,7 @@ def sigmas_from_indices(ts: Sequence[int], num_points: int = 40, sigma_min: floa
   trailing level equal to sigma_min is dropped (f(x, sigma_min) = x), unless it
   is the only one. Returns float32 numpy (host) values.
   """
-  n = int(num_points)
-  ts = cm_sampling.check_ts(ts, n, min_len=1)
-  sig = np.clip(cm_sampling.karras_levels(ts, n, sigma_min, sigma_max, rho), sigma_min,
-                sigma_max)
-  if len(ts) > 1 and ts[-1] == n - 1:
-    sig = sig[:-1]
-  return sig.astype(np.float32)
+  return cm_sampling.evaluated_levels(ts, num_points, sigma_min, sigma_max, rho)
 
 
 def _check_sigmas(sigmas) -> jax.Array:

@@ -60,6 +60,28 @@ def karras_levels(indices: Sequence[int], grid_points: int, sigma_min: float = 0
   return grid[list(idx)]
 
 
+def evaluated_levels(ts: Sequence[int], grid_points: int, sigma_min: float = 0.002,
+                     sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
+  """The levels CM Algorithm 1 evaluates f at for grid indices `ts`: every one, clipped to
+  [sigma_min, sigma_max], except a trailing index grid_points - 1 (sigma_min), where
+  f(x, sigma_min) = x and the references draw no noise. Sampling and editing both use
+  this (one convention). With ts[-1] = N - 1, as in every published setting, it is the
+  references' count, len(ts) - 1; the references would return a still-noisy image for
+  another ts[-1], Algorithm 1 (and cm_jax) evaluates f there too. float32 numpy."""
+  n = int(grid_points)
+  ts = check_ts(ts, n, min_len=1)
+  sig = np.clip(karras_levels(ts, n, sigma_min, sigma_max, rho), sigma_min, sigma_max)
+  if len(ts) > 1 and ts[-1] == n - 1:
+    sig = sig[:-1]
+  return sig.astype(np.float32)
+
+
+def ts_evaluations(ts: Sequence[int], grid_points: int) -> int:
+  """Network evaluations of CM Algorithm 1 on `ts` (see evaluated_levels)."""
+  ts = check_ts(ts, int(grid_points), min_len=1)
+  return len(ts) - (1 if len(ts) > 1 and ts[-1] == int(grid_points) - 1 else 0)
+
+
 def even_ts(num_steps: int, grid_points: int) -> tuple[int, ...]:
   """num_steps + 1 indices spread evenly over [0, grid_points - 1] (ends included),
   round(linspace(0, grid_points - 1, num_steps + 1)).

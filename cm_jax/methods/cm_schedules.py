@@ -29,10 +29,12 @@ one jit-compiled train step; shapes never depend on N(k).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cm_jax.diffusion.grids import karras_sigma_at
 
@@ -61,17 +63,38 @@ def karras_sigma(index, num_scales, sigma_min: float = 0.002, sigma_max: float =
 # ----------------------------------------------------------------------------- CT (CM paper)
 
 
+def _ct_formula(k, total_steps, s0, s1, ceil, sqrt, maximum):
+  """N(k) of CM Appendix C with the reference's clamp, in whatever arithmetic is given."""
+  inner = sqrt(k / total_steps * ((s1 + 1.0) ** 2 - float(s0) ** 2) + float(s0) ** 2)
+  return maximum(ceil(inner - 1.0), 1.0) + 1.0
+
+
+@functools.lru_cache(maxsize=32)
+def _ct_steps_table(total_steps: int, s0: int, s1: int):
+  """(the steps where N(k) changes, N from each of them on; the first entry is step 0):
+  the schedule over k = 0..K evaluated in float64 on the host, as the reference does, and
+  kept as its at most s1 + 1 change points."""
+  k = np.arange(total_steps + 1, dtype=np.float64)
+  n = _ct_formula(k, float(total_steps), s0, s1, np.ceil, np.sqrt, np.maximum).astype(np.int64)
+  starts = np.concatenate([[0], np.nonzero(np.diff(n))[0] + 1])
+  return starts.astype(np.int32), n[starts].astype(np.int32)
+
+
 def ct_num_scales(step, total_steps: int, s0: int, s1: int):
   """CM paper Appendix C: N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (int32).
 
   N(0) = s0 and N(K) = s1 + 1. The reference code's clamp max(N - 1, 1) is applied too
-  (a no-op for s0 >= 2). Evaluated in float32 from a traced step.
+  (a no-op for s0 >= 2). The reference evaluates it in float64; float32 is one too low at
+  a few steps (k = 202553 of 800k for CIFAR-10), so for k <= K the value is read from the
+  float64 schedule's change points (_ct_steps_table) by an integer search on the traced
+  step. Past K (a run extended beyond its schedule) the curve continues in float32.
   """
-  k = jnp.asarray(step, _F32)
-  frac = k / float(total_steps)
-  inner = jnp.sqrt(frac * ((s1 + 1.0) ** 2 - float(s0) ** 2) + float(s0) ** 2)
-  intervals = jnp.maximum(jnp.ceil(inner - 1.0), 1.0)
-  return (intervals + 1.0).astype(jnp.int32)
+  starts, values = _ct_steps_table(int(total_steps), int(s0), int(s1))
+  k = jnp.asarray(step, jnp.int32)
+  exact = jnp.asarray(values)[jnp.searchsorted(jnp.asarray(starts), k, side="right") - 1]
+  beyond = _ct_formula(k.astype(_F32), float(total_steps), s0, s1, jnp.ceil, jnp.sqrt,
+                       jnp.maximum).astype(jnp.int32)
+  return jnp.where(k <= int(total_steps), exact, beyond)
 
 
 def ct_target_ema(step, total_steps: int, s0: int, s1: int, mu0: float,

@@ -42,6 +42,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from cm_jax.conditioning import guided_denoiser
 from cm_jax.diffusion import preconditioning, solvers
@@ -193,8 +194,10 @@ class _Consistency:
     grid_points = int(grid_points or self.sample_cfg.get("grid_points", 0) or 40)
     if ts is not None:
       ts = cm_sampling.check_ts(ts, grid_points)
-      if num_steps not in (None, len(ts) - 1):
-        raise ValueError(f"ts {ts} makes {len(ts) - 1} steps but num_steps is {num_steps}")
+      k = cm_sampling.ts_evaluations(ts, grid_points)
+      if num_steps not in (None, k):
+        raise ValueError(f"ts {ts} makes {k} steps on a {grid_points}-point grid but "
+                         f"num_steps is {num_steps}")
       return ts
     cfg_ts = tuple(self.sample_cfg.get("ts", ()) or ())
     if len(cfg_ts) - 1 == num_steps:
@@ -219,7 +222,9 @@ class _Consistency:
       return cm_sampling.sample_onestep(f, noise, p.sigma_max, labels)
     grid_points = int(grid_points or self.sample_cfg.get("grid_points", 0) or 40)
     ts = self.resolve_ts(num_steps, ts, grid_points)
-    levels = cm_sampling.karras_levels(ts, grid_points, p.sigma_min, p.sigma_max, p.rho)
+    # f at every evaluated level; the loop's last level, sigma_min, adds no noise.
+    levels = np.append(cm_sampling.evaluated_levels(ts, grid_points, p.sigma_min, p.sigma_max,
+                                                    p.rho), np.float32(p.sigma_min))
     return cm_sampling.sample_multistep(f, noise, levels, keys, labels,
                                         sigma_min=p.sigma_min, sigma_max=p.sigma_max)
 
