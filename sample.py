@@ -51,6 +51,9 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes
   if not _WORKDIR.value:
     sys.exit("sample.py: --workdir is required")
+  if not _OUT.value.endswith(".npz"):  # the PNG grid goes beside it: never over it
+    sys.exit(f"sample.py: --out must be a .npz file (the grid is written beside it as "
+             f".png, or to --grid), got {_OUT.value!r}")
   for name, value in (("--num", _NUM.value), ("--steps", _STEPS.value),
                       ("--batch_size", _BATCH.value)):
     if value is not None and value < 1:  # checked before anything is loaded or compiled

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cm_jax.cli.flag_errors import parse_flags_or_exit
-from cm_jax.train import builders, distributed, fit, loop
+from cm_jax.train import builders, checkpoint, distributed, fit, loop
 from cm_jax.train.state import count_params, tree_bytes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<data>_<method>.py[:variant]")
@@ -72,7 +72,8 @@ def main(argv):
       fit.fit_run(config, _WORKDIR.value)
     else:
       loop.train(config, _WORKDIR.value, num_steps=_STEPS.value)
-  except (FileNotFoundError, ValueError, loop.NonFiniteLossError) as e:
+  except (FileNotFoundError, ValueError, loop.NonFiniteLossError,
+          checkpoint.CheckpointSaveError) as e:
     # Set-up errors (missing teacher or data, config mismatch) and a NaN stop are the
     # user's to fix: one line, not a traceback.
     sys.exit(f"train.py: {e}")

@@ -187,3 +187,41 @@ def test_nan_weights_are_reported_at_restore(tiny_edm_run, copy_run, capsys):
   assert "the ema/halflife weights of step 6" in err and "NaN/inf" in err
   assert runs.load_run(workdir, "online").step == 6  # the online weights are fine
   assert "NaN" not in capsys.readouterr().err
+
+
+# -- a save that fails in the background (disk full) --------------------------------------
+
+
+def test_a_failed_background_save_stops_the_run_in_one_line(tiny_edm_run, tmp_path,
+                                                              monkeypatch):
+  """The second save fails where a full disk fails it: Orbax's background commit (the
+  rename of its temporary directory) raises ENOSPC. The run stops right away with one line
+  naming it, and the first checkpoint stays good."""
+  import errno  # pylint: disable=g-import-not-at-top
+  config = tiny_edm_run[0].copy_and_resolve_references()
+  config.training.update(save_every=2, log_every=2)
+  real_save, real_rename, calls = RunCheckpoints.save, os.rename, []
+
+  def full_disk_rename(src, dst, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+  def save(self, step, *a, **k):
+    calls.append(step)
+    if len(calls) == 2:  # once step 2 is committed, nothing more can be
+      self.manager.wait_until_finished()
+      monkeypatch.setattr(os, "rename", full_disk_rename)
+    return real_save(self, step, *a, **k)
+
+  monkeypatch.setattr(RunCheckpoints, "save", save)
+  workdir = str(tmp_path / "full")
+  with pytest.raises(Exception) as e:
+    loop.train(config, workdir, num_steps=8, progress=False)
+  monkeypatch.setattr(os, "rename", real_rename)
+  message = str(e.value)
+  assert type(e.value).__name__ == "CheckpointSaveError", repr(e.value)
+  assert "\n" not in message and "No space left on device" in message
+  assert "the last good checkpoint is step 2" in message
+  # Stopped at the first step or save after the background commit of step 4 failed
+  # (the tiny steps take milliseconds, so that may be the next save).
+  assert calls[:2] == [2, 4] and len(calls) <= 3
+  assert runs.load_run(workdir, "ema").step == 2

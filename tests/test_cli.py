@@ -94,3 +94,21 @@ def test_sample_cli_refuses_non_finite_samples(tiny_edm_run, tmp_path):
                 "--batch_size", "4", "--out", str(out), check=False)
   _one_line_failure(result, "NaN", "sample.py: step 4, weights 'halflife'", progress_bar=True)
   assert not out.exists()
+
+
+def test_training_counts_below_one_are_refused_before_anything_is_written(tmp_path):
+  """save_every / log_every 0 used to divide by zero after compiling; --steps 0 said "done"."""
+  for i, args in enumerate((["--config.training.save_every=0"],
+                            ["--config.training.log_every=0"], ["--steps", "0"])):
+    workdir = tmp_path / f"run{i}"
+    result = _run("train.py", "--config", "configs/digits_edm.py:tiny", "--workdir",
+                  str(workdir), *args, check=False)
+    _one_line_failure(result, ">= 1", args[0].split("=")[0].replace("--config.", ""))
+    assert not workdir.exists()
+
+
+def test_sample_cli_out_must_be_npz(tmp_path):
+  """--out x.png would be overwritten by the grid written beside it."""
+  result = _run("sample.py", "--workdir", str(tmp_path), "--out", str(tmp_path / "x.png"),
+                check=False)
+  _one_line_failure(result, "--out must be a .npz")

@@ -6,6 +6,7 @@ sample.py and evaluate.py all read the same directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Optional
 
@@ -18,11 +19,15 @@ from jax.experimental import multihost_utils
 # The directory layout and the config reader live below cm_jax.methods (cm_jax.runs), so
 # the CD teacher and sample.py read runs without importing the trainer; re-exported here.
 from cm_jax.runs import (CHECKPOINT_SUBDIR, CHECKSUM_VERSION, ITEM_NAMES, checkpoint_dir,  # noqa: F401
-                         config_from_json, is_remote, load_config, read_newest_readable,
-                         verify_restored, with_default_sharding)
+                         config_from_json, describe_failure, is_remote, load_config,
+                         read_newest_readable, verify_restored, with_default_sharding)
 from cm_jax.utils import checksums
 
 UNREADABLE_SUFFIX = "_unreadable"  # <workdir>/checkpoints_unreadable/<step>: set aside
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions, a lost bucket)."""
 
 
 class RunCheckpoints:
@@ -46,13 +51,37 @@ class RunCheckpoints:
   def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict,
            wait: bool = False) -> None:
     sums, _ = checksums.tree_stats(state)  # of what is written, before it is written
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(json.loads(config.to_json())),
-        checksums=ocp.args.JsonSave({"version": CHECKSUM_VERSION, "sums": sums})))
-    if wait:
-      self.manager.wait_until_finished()
+    with self._saving():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(json.loads(config.to_json())),
+          checksums=ocp.args.JsonSave({"version": CHECKSUM_VERSION, "sums": sums})))
+      if wait:
+        self.manager.wait_until_finished()
+
+  def check_saved(self) -> None:
+    """CheckpointSaveError, in one line, as soon as an asynchronous save has failed (Orbax
+    would only say so at the next save, inside hundreds of lines of tracebacks)."""
+    with self._saving():
+      self.manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _saving(self):
+    """Any failure of a save (this one, or an earlier background one it raises) as one
+    CheckpointSaveError line; the error names no step, since it may be an earlier one's."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (OSError, Orbax's own wrappers)
+      try:
+        self.manager.reload()
+        good = self.manager.latest_step()
+      except Exception:  # pylint: disable=broad-except
+        good = None
+      raise CheckpointSaveError(
+          f"a checkpoint save in {self.directory} failed ({describe_failure(e)}); the last good "
+          f"checkpoint is {'step ' + str(good) if good is not None else 'none'}: free the "
+          f"space and rerun the same command to continue from it") from None
 
   def restore(self, abstract_state, step: Optional[int] = None) -> tuple[Any, dict, int]:
     """(state, data position, step) of `step`, by default of the newest checkpoint that
@@ -92,11 +121,14 @@ class RunCheckpoints:
     return str(dest)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._saving():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def process_data_states(states: list) -> dict:

@@ -113,6 +113,12 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
     # Orbax would delete every checkpoint, the one this run resumes from included.
     raise ValueError(f"training.keep_checkpoints must be >= 1, got {tcfg.keep_checkpoints}: "
                      f"fewer would delete every checkpoint of the run")
+  for field in ("save_every", "log_every"):  # checked before anything is built or compiled
+    if int(tcfg.get(field, 1)) < 1:
+      raise ValueError(f"training.{field} must be >= 1, got {tcfg.get(field)}")
+  if num_steps is not None and int(num_steps) < 1:
+    raise ValueError(f"--steps must be >= 1 (the total number of training steps), got "
+                     f"{num_steps}")
   accum = int(tcfg.get("grad_accum_steps", 1) or 1)
   parts = builders.build_parts(config)
   if hasattr(parts.method, "fit"):
@@ -201,6 +207,7 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
       window.append(metrics)
       done = step + 1
       bar.update(1)
+      ckpts.check_saved()  # a failed background save stops the run now, in one line
 
       if done % tcfg.log_every == 0 or done == total or (stop and window):
         _check_finite(metrics, step, last_saved)
