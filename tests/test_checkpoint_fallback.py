@@ -129,17 +129,22 @@ def test_sample_py_falls_back_in_one_loud_line(copy_run, tmp_path):
 # -- checksums: bytes that changed on disk, NaN weights --------------------------------------
 
 
-def test_checksums_are_the_byte_sums_worked_out_in_numpy():
+def test_checksums_are_the_word_sums_worked_out_in_numpy():
   x = np.array([[1.5, -2.0, 3.25], [0.0, 7.0, np.pi]], np.float32)
-  sums, bad = checksums.tree_stats({"a": {"w": jnp.asarray(x)}, "n": jnp.int32(7)})
-  b = x.tobytes()  # little-endian, row-major: what bitcast to uint8 gives
-  want = [sum(b) % 2**32, sum((i + 1) * v for i, v in enumerate(b)) % 2**32]
+  h = np.array([1.0, -3.5], jnp.bfloat16)
+  sums, bad = checksums.tree_stats({"a": {"w": jnp.asarray(x)}, "n": jnp.int32(7),
+                                    "h": jnp.asarray(h), "b": jnp.array([True, False, True])})
+  words = [int(v) for v in x.reshape(-1).view(np.uint32)]  # float32 bits as uint32
+  want = [sum(words) % 2**32, sum((i + 1) * v for i, v in enumerate(words)) % 2**32]
   assert sums["a/w"] == want and bad == []
   assert sums["n"] == [7, 7]
+  hw = [int(v) for v in h.view(np.uint16)]  # bfloat16: 1.0 is 0x3F80
+  assert hw[0] == 0x3F80 and sums["h"] == [sum(hw), hw[0] + 2 * hw[1]]
+  assert sums["b"] == [2, 1 + 3]
   flipped = x.copy()
   flipped.view(np.uint32)[1, 2] ^= 1 << 20  # one bit
   assert checksums.tree_stats({"a": {"w": jnp.asarray(flipped)}})[0]["a/w"] != want
-  swapped = x[:, ::-1].copy()  # the same bytes elsewhere: s1 equal, s2 not
+  swapped = x[:, ::-1].copy()  # the same words elsewhere: s1 equal, s2 not
   s_swapped = checksums.tree_stats({"w": jnp.asarray(swapped)})[0]["w"]
   assert s_swapped[0] == want[0] and s_swapped[1] != want[1]
   x[0, 0] = np.nan
@@ -147,7 +152,7 @@ def test_checksums_are_the_byte_sums_worked_out_in_numpy():
 
 
 def _tamper_checksum(workdir, step):
-  """Changes one saved sum: exactly what a flipped byte in the arrays looks like."""
+  """Changes one saved sum: exactly what a flipped bit in the arrays looks like."""
   path = os.path.join(workdir, "checkpoints", str(step), "checksums", "metadata")
   with open(path) as f:
     item = json.load(f)
