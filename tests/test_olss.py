@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import sampling
+from cm_jax import runs
 from cm_jax.diffusion import grids, olss_solver, samplers
 from cm_jax.methods import olss
 from cm_jax.train import builders, fit
-from cm_jax import runs
 from configs import digits_olss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
