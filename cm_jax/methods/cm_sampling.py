@@ -78,8 +78,7 @@ def evaluated_levels(ts: Sequence[int], grid_points: int, sigma_min: float = 0.0
 
 def ts_evaluations(ts: Sequence[int], grid_points: int) -> int:
   """Network evaluations of CM Algorithm 1 on `ts` (see evaluated_levels)."""
-  ts = check_ts(ts, int(grid_points), min_len=1)
-  return len(ts) - (1 if len(ts) > 1 and ts[-1] == int(grid_points) - 1 else 0)
+  return len(evaluated_levels(ts, grid_points))
 
 
 def even_ts(num_steps: int, grid_points: int) -> tuple[int, ...]:

@@ -85,7 +85,7 @@ def ct_num_scales(step, total_steps: int, s0: int, s1: int):
 
   N(0) = s0 and N(K) = s1 + 1. The reference code's clamp max(N - 1, 1) is applied too
   (a no-op for s0 >= 2). The reference evaluates it in float64; float32 is one too low at
-  a few steps (k = 202553 of 800k for CIFAR-10), so for k <= K the value is read from the
+  a few steps (N(350783) of 800k for CIFAR-10 came out 100, not 101), so for k <= K the value is read from the
   float64 schedule's change points (_ct_steps_table) by an integer search on the traced
   step. Past K (a run extended beyond its schedule) the curve continues in float32.
   """

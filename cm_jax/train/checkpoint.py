@@ -89,8 +89,6 @@ class RunCheckpoints:
     are reported in one loud line each and, unless read-only, moved to
     <workdir>/checkpoints_unreadable/ (never deleted: the run will save those step
     numbers again). One line when none reads."""
-    if self.latest_step() is None and step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(with_default_sharding(abstract_state)),
         data=ocp.args.JsonRestore())
