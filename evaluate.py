@@ -25,6 +25,7 @@ import time
 import jax
 from absl import app, flags, logging
 
+from cm_jax.cli import sample_request
 from cm_jax.eval import evaluator
 from cm_jax.eval import features as features_lib
 
@@ -86,34 +87,20 @@ def _samples_from_run(mesh_holder: dict):
     _fail(str(e))
   parts = builders.build_parts(config)
   num_classes = config.data.num_classes
-  if _CLASS.value is not None and not 0 <= _CLASS.value < max(num_classes, 1):
-    _fail(f"--class_label must be in [0, {num_classes}) for this run")
-  which = _PARAMS.value or config.sample.params
-  num_steps = _STEPS.value or config.sample.num_steps
-  if _TS.value:
-    num_steps = _STEPS.value or sampling.ts_num_steps(config, _TS.value, _GRID_POINTS.value)
-  try:  # only the chosen copy of the weights is read (cm_jax.runs)
-    ckpt_step = sampling.checkpoint_step_for(config, num_steps, _STEP.value)
-    run = runs.load_run(_WORKDIR.value, which, ckpt_step)
-  except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
-  params, step = run.params, run.step
-  sampler = _SAMPLER.value or config.sample.sampler
-  options = {"sampler": sampler} if sampler != config.sample.sampler else {}
-  if _TS.value:
-    if "ts" not in config.sample:
-      _fail("--ts applies to consistency models (cd, ct, ict) only")
-    options["ts"] = tuple(int(t) for t in _TS.value)
-  guidance = _GUIDANCE.value if _GUIDANCE.value is not None else config.sample.get("guidance", 0.0)
   try:
-    guided, warning = sampling.guidance_options(parts.method, guidance)
-  except ValueError as e:
+    sample_request.check_class_label(_CLASS.value, num_classes)
+    plan = sample_request.plan_sampling(
+        config, parts.method, steps=_STEPS.value, ts=_TS.value,
+        grid_points=_GRID_POINTS.value, sampler=_SAMPLER.value, guidance=_GUIDANCE.value)
+    run = sample_request.read_weights(config, _WORKDIR.value, _PARAMS.value, plan.num_steps,
+                                      _STEP.value)
+  except sample_request.RequestError as e:
     _fail(str(e))
-  if warning:
-    print(f"evaluate.py: warning: {warning}", file=sys.stderr)
-  options.update(guided)
-  if _GRID_POINTS.value and "grid_points" in config.sample:
-    options["grid_points"] = _GRID_POINTS.value
+  params, step, options, num_steps = run.params, run.step, plan.options, plan.num_steps
+  sampler, guidance = plan.sampler, plan.guidance
+  which = _PARAMS.value or config.sample.params  # as asked (run.which: the EMA it chose)
+  if plan.warning:
+    print(f"evaluate.py: warning: {plan.warning}", file=sys.stderr)
   mesh = parallel.make_mesh(config.get("mesh"))
   mesh_holder["mesh"] = mesh
   t0 = time.perf_counter()
@@ -143,6 +130,14 @@ def _samples_from_run(mesh_holder: dict):
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes
+  try:  # every flag is checked before a run, a sample file or a detector is read
+    sample_request.check_counts(num=_NUM.value, steps=_STEPS.value, batch_size=_BATCH.value,
+                                num_ref=_NUM_REF.value, detector_batch_size=_DET_BATCH.value,
+                                pr_max=_PR_MAX.value, kid_subsets=_KID_SUBSETS.value,
+                                kid_subset_size=_KID_SIZE.value, grid_points=_GRID_POINTS.value)
+    metrics = sample_request.check_metrics(_METRICS.value, evaluator.ALL_METRICS)
+  except sample_request.RequestError as e:
+    _fail(str(e))
   if bool(_WORKDIR.value) == bool(_SAMPLES.value):
     _fail("give exactly one of --workdir (sample from a run) or --samples (an .npz)")
   if not _REF.value:
@@ -196,7 +191,7 @@ def main(argv):
   cond_labels = labels if sample_protocol.get("conditional", labels is not None) else None
   result = evaluator.evaluate_images(
       images, cond_labels, detector, ref, mesh=mesh, progress=True,
-      metrics=[m.strip() for m in _METRICS.value], pr_max=_PR_MAX.value,
+      metrics=metrics, pr_max=_PR_MAX.value,
       kid_subsets=_KID_SUBSETS.value, kid_subset_size=_KID_SIZE.value,
       seed=_METRIC_SEED.value)
   result["wall_time_s"]["reference"] = ref_time

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 
 from cm_jax import runs, sampling
 from cm_jax.cli import editing as editing_cli
+from cm_jax.cli import sample_request
 from cm_jax.train import builders, parallel
 from cm_jax.utils.images import save_grid_png, save_samples_npz
 
@@ -49,80 +50,65 @@ flags.DEFINE_integer("seed2", None, "--edit interpolate: seed of the second nois
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes
+  try:
+    _sample()
+  except sample_request.RequestError as e:
+    sys.exit(f"sample.py: {e}")
+
+
+def _sample():
   if not _WORKDIR.value:
-    sys.exit("sample.py: --workdir is required")
+    raise sample_request.RequestError("--workdir is required")
   if not _OUT.value.endswith(".npz"):  # the PNG grid goes beside it: never over it
-    sys.exit(f"sample.py: --out must be a .npz file (the grid is written beside it as "
-             f".png, or to --grid), got {_OUT.value!r}")
-  for name, value in (("--num", _NUM.value), ("--steps", _STEPS.value),
-                      ("--batch_size", _BATCH.value)):
-    if value is not None and value < 1:  # checked before anything is loaded or compiled
-      sys.exit(f"sample.py: {name} must be >= 1, got {value}")
+    raise sample_request.RequestError(
+        f"--out must be a .npz file (the grid is written beside it as .png, or to --grid), "
+        f"got {_OUT.value!r}")
+  # Checked before anything is loaded or compiled.
+  sample_request.check_counts(num=_NUM.value, steps=_STEPS.value, batch_size=_BATCH.value,
+                              grid_points=_GRID_POINTS.value)
   try:
     config = runs.load_config(_WORKDIR.value, _STEP.value)
   except FileNotFoundError as e:
-    sys.exit(f"sample.py: {e}")
+    raise sample_request.RequestError(str(e)) from None
   parts = builders.build_parts(config)
   num_classes = config.data.num_classes
-  if _CLASS.value is not None and not 0 <= _CLASS.value < max(num_classes, 1):
-    sys.exit(f"sample.py: --class_label must be in [0, {num_classes}) for this run")
+  sample_request.check_class_label(_CLASS.value, num_classes)
   edit_job = None
   if _EDIT.value:  # check the editing inputs before loading any checkpoint
     try:
       edit_job = editing_cli.plan(editing_cli.request_from_flags(flags.FLAGS), config,
                                   parts.image_shape)
     except editing_cli.EditError as e:
-      sys.exit(f"sample.py: {e}")
-
-  num_steps = _STEPS.value or config.sample.num_steps
-  if _TS.value:
-    num_steps = _STEPS.value or sampling.ts_num_steps(config, _TS.value, _GRID_POINTS.value)
-  try:  # only the chosen copy of the weights is read (cm_jax.runs)
-    # A progressive-distillation run keeps one student per step count: read that one.
-    ckpt_step = sampling.checkpoint_step_for(config, num_steps, _STEP.value)
-    run = runs.load_run(_WORKDIR.value, _PARAMS.value or config.sample.params, ckpt_step)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"sample.py: {e}")
-  params, step = run.params, run.step
-  if edit_job is not None:
-    editing_cli.run_and_save(edit_job, config, parts, params, _OUT.value, _GRID.value,
+      raise sample_request.RequestError(str(e)) from None
+  if edit_job is not None:  # editing reads --ts / --grid_points itself (its own grid)
+    run = sample_request.read_weights(config, _WORKDIR.value, _PARAMS.value,
+                                      _STEPS.value or config.sample.num_steps, _STEP.value)
+    editing_cli.run_and_save(edit_job, config, parts, run.params, _OUT.value, _GRID.value,
                              _GRID_MAX.value)
     return
-
-  options = {}
-  sampler = _SAMPLER.value or config.sample.sampler
-  if sampler != config.sample.sampler:
-    options["sampler"] = sampler
-  if _TS.value:
-    if "ts" not in config.sample:
-      sys.exit("sample.py: --ts applies to consistency models (cd, ct, ict) only")
-    options["ts"] = tuple(int(t) for t in _TS.value)
-  guidance = _GUIDANCE.value if _GUIDANCE.value is not None else config.sample.get("guidance", 0.0)
-  try:
-    guided, warning = sampling.guidance_options(parts.method, guidance)
-  except ValueError as e:
-    sys.exit(f"sample.py: {e}")
-  if warning:
-    print(f"sample.py: warning: {warning}", file=sys.stderr)
-  options.update(guided)
-  if _GRID_POINTS.value and "grid_points" in config.sample:
-    options["grid_points"] = _GRID_POINTS.value
+  plan = sample_request.plan_sampling(
+      config, parts.method, steps=_STEPS.value, ts=_TS.value, grid_points=_GRID_POINTS.value,
+      sampler=_SAMPLER.value, guidance=_GUIDANCE.value)
+  run = sample_request.read_weights(config, _WORKDIR.value, _PARAMS.value, plan.num_steps,
+                                    _STEP.value)
+  if plan.warning:
+    print(f"sample.py: warning: {plan.warning}", file=sys.stderr)
   try:
     images, labels = sampling.generate(
-        parts.method, params, num=_NUM.value, seed=_SEED.value,
-        batch_size=_BATCH.value or config.sample.batch_size, num_steps=num_steps,
+        parts.method, run.params, num=_NUM.value, seed=_SEED.value,
+        batch_size=_BATCH.value or config.sample.batch_size, num_steps=plan.num_steps,
         image_shape=parts.image_shape, num_classes=num_classes, class_label=_CLASS.value,
-        mesh=parallel.make_mesh(config.get("mesh")), progress=True, **options)
+        mesh=parallel.make_mesh(config.get("mesh")), progress=True, **plan.options)
   except sampling.NonFiniteSamplesError as e:
-    sys.exit(f"sample.py: step {step}, weights {run.which!r}: {e}")
+    raise sample_request.RequestError(f"step {run.step}, weights {run.which!r}: {e}") from None
   except ValueError as e:  # e.g. a sampler or step count the method refuses, in one line
-    sys.exit(f"sample.py: {e}")
+    raise sample_request.RequestError(str(e)) from None
 
   save_samples_npz(_OUT.value, images, labels)
   grid = _GRID.value or os.path.splitext(_OUT.value)[0] + ".png"
   save_grid_png(images[:_GRID_MAX.value], grid)
-  print(f"wrote {len(images)} images from step {step} ({sampler}, {num_steps} steps) "
-        f"to {_OUT.value} and {grid}")
+  print(f"wrote {len(images)} images from step {run.step} ({plan.sampler}, {plan.num_steps} "
+        f"steps) to {_OUT.value} and {grid}")
 
 
 if __name__ == "__main__":

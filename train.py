@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from cm_jax.cli.flag_errors import parse_flags_or_exit
 from cm_jax.train import builders, checkpoint, distributed, fit, loop
+from cm_jax.train import workdir as workdir_lib
 from cm_jax.train.state import count_params, tree_bytes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<data>_<method>.py[:variant]")
@@ -64,19 +65,29 @@ def main(argv):
     return
   if not _WORKDIR.value:
     sys.exit("train.py: --workdir is required (where checkpoints and samples go)")
+  try:
+    existed = workdir_lib.check_usable(_WORKDIR.value)
+  except ValueError as e:
+    sys.exit(f"train.py: {e}")
   if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                             auto=_DISTRIBUTED.value):
     print(distributed.describe(), flush=True)
+  result = None
   try:
     if fit.is_fitted(builders.build_parts(config).method):  # no loss: fitted, not trained
       fit.fit_run(config, _WORKDIR.value)
     else:
-      loop.train(config, _WORKDIR.value, num_steps=_STEPS.value)
+      result = loop.run(config, _WORKDIR.value, num_steps=_STEPS.value)
   except (FileNotFoundError, ValueError, loop.NonFiniteLossError,
           checkpoint.CheckpointSaveError) as e:
     # Set-up errors (missing teacher or data, config mismatch) and a NaN stop are the
     # user's to fix: one line, not a traceback.
     sys.exit(f"train.py: {e}")
+  finally:
+    if not existed:  # a run refused before its first checkpoint leaves nothing behind
+      workdir_lib.remove_if_empty(_WORKDIR.value)
+  if result is not None and result.stopped_by and result.step < result.total:
+    return  # the loop said where it stopped and how to continue; it is not done
   print(f"done: checkpoints in {_WORKDIR.value}/checkpoints; sample with "
         f"python sample.py --workdir {_WORKDIR.value} --num 64 --out {_WORKDIR.value}/samples.npz")
 

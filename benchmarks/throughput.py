@@ -19,6 +19,11 @@ Reported per config:
   TFLOP/s         XLA's cost analysis of the compiled train step (flops of one step, per
                   device program, times the devices) / measured step time
 
+With --save, each config also saves its train state as train.py does (an asynchronous
+Orbax checkpoint with per-array checksums) and reports how long save() holds the loop up,
+when the write is committed, and the step time of the steps run while it writes: the loop
+must not wait for the disk (a second table).
+
 Each config runs in its own subprocess, so peak memory is per config. The
 table is printed and written as JSON (--json). Defaults adapt to CPU: the 32x32
 and 64x64 configs use batch 2, 2 timed steps and a 2-step sampler there
@@ -176,8 +181,36 @@ def teacher_forwards(method, config) -> int:
   return {"guided": 2, "pd": 2}.get(name, 0)
 
 
+def time_saving(par, state, compiled, gbatch, rng, teacher, config, steps: int) -> dict:
+  """What an asynchronous checkpoint save costs the loop, as train.py saves: the time
+  `RunCheckpoints.save` blocks the loop (device-to-host copy and checksums), the step time
+  of `steps` steps run while it writes, and for scale the same save done synchronously
+  (returning only once the checkpoint is committed)."""
+  import tempfile
+  import jax
+  from cm_jax.train.checkpoint import RunCheckpoints
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpts = RunCheckpoints(tmp)
+    data = {"process_count": 1, "processes": [{}]}
+    ckpts.save(0, par.to_host(state), data, config, wait=True)  # first save: Orbax set-up
+    t0 = time.perf_counter()
+    ckpts.save(1, par.to_host(state), data, config)
+    blocked = time.perf_counter() - t0
+    for _ in range(steps):  # the loop goes on while the write is in flight
+      state, metrics = compiled(state, gbatch, rng, teacher)
+    jax.block_until_ready((state, metrics))
+    during = (time.perf_counter() - t0 - blocked) / steps
+    ckpts.wait()
+    t0 = time.perf_counter()
+    ckpts.save(2, par.to_host(state), data, config, wait=True)
+    synchronous = time.perf_counter() - t0
+    ckpts.close()
+  return dict(save_blocks_s=blocked, save_sync_s=synchronous, train_step_saving_s=during)
+
+
 def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | None,
-              sample_steps: int | None, sample_batch: int | None, do_sample: bool) -> dict:
+              sample_steps: int | None, sample_batch: int | None, do_sample: bool,
+              do_save: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -255,6 +288,8 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
   result.update(cm_jax_file=cm_jax.__file__, harness=os.path.abspath(__file__))
   if teacher_kind:
     result.update(teacher=teacher_kind)
+  if do_save:
+    result.update(time_saving(par, state, compiled, gbatch, rng, teacher, config, steps))
 
   if do_sample:
     sb = sample_batch or batch
@@ -304,6 +339,20 @@ def format_table(rows: list[dict]) -> str:
   out = [" | ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in lines]
   out.insert(1, "-+-".join("-" * w for w in widths))
   return "\n".join(out)
+
+
+def format_saving(rows: list[dict]) -> str:
+  """--save: how long a checkpoint save holds the loop up, against the plain step time."""
+  lines = ["| config | step ms | async save blocks the loop, ms | step ms while it writes | "
+           "ratio | the save done synchronously, ms |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    if "error" in r or "save_blocks_s" not in r:
+      continue
+    lines.append(f"| {r['config'].replace('configs/', '')} | {r['train_step_s'] * 1e3:.1f} | "
+                 f"{r['save_blocks_s'] * 1e3:.0f} | {r['train_step_saving_s'] * 1e3:.1f} | "
+                 f"{r['train_step_saving_s'] / r['train_step_s']:.2f} | "
+                 f"{r['save_sync_s'] * 1e3:.0f} |")
+  return "\n".join(lines)
 
 
 def format_cost_ratios(rows: list[dict], baseline: str) -> str:
@@ -380,6 +429,8 @@ def run_one(spec: str, args, overrides: list[str], tree: str | None = None,
       cmd += [f"--{flag}", str(value)]
   if args.no_sample:
     cmd.append("--no_sample")
+  if getattr(args, "save", False):
+    cmd.append("--save")
   try:
     proc = subprocess.run(cmd, cwd=tree or ROOT, env=child_env(tree, bench_root),
                           capture_output=True, text=True, timeout=args.timeout)
@@ -504,6 +555,8 @@ def main(argv=None):
   parser.add_argument("--sample_batch", type=int, default=None,
                       help="images per sampling call (default: the train batch)")
   parser.add_argument("--no_sample", action="store_true", help="time the train step only")
+  parser.add_argument("--save", action="store_true", help="also time an asynchronous "
+                      "checkpoint save of the train state, and the steps run while it writes")
   parser.add_argument("--json", default="throughput.json", help="where to write the results")
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per config")
   parser.add_argument("--compare", metavar="REF_TREE", default=None,
@@ -525,7 +578,7 @@ def main(argv=None):
   if args.one:  # child: one config, JSON on the last stdout line
     spec, steps = split_spec(configs[0], args.steps)
     result = bench_one(spec, overrides, args.batch, steps, args.sample_steps,
-                       args.sample_batch, not args.no_sample)
+                       args.sample_batch, not args.no_sample, args.save)
     print(json.dumps(result))
     return
 
@@ -540,6 +593,9 @@ def main(argv=None):
     print(f"benchmarking {spec} ...", file=sys.stderr, flush=True)
     rows.append(run_one(spec, args, overrides))
   print(format_table(rows))
+  if args.save:
+    print()
+    print(format_saving(rows))
   if args.baseline:
     print()
     print(format_cost_ratios(rows, args.baseline))

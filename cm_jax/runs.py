@@ -290,8 +290,7 @@ def load_run(workdir: str, which: Optional[str] = None, step: Optional[int] = No
 
 def _read_copy(manager, workdir: str, step: int, which: Optional[str]):
   """(config, the `which` weights, their name, the data item) of checkpoint `step`."""
-  head = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                       data=ocp.args.JsonRestore()))
+  head = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   config = config_from_json(head.config)
   which = which or config.get("sample", {}).get("params", "ema")
   try:
@@ -321,4 +320,14 @@ def _read_copy(manager, workdir: str, step: int, which: Optional[str]):
     params = params[key]
   copy = "/".join(path)
   verify_restored(manager, step, params, copy, f"the {copy} weights of step {step}")
-  return config, params, name, head.data
+  return config, params, name, _data_item_or_none(manager, step)
+
+
+def _data_item_or_none(manager, step: int) -> Optional[dict]:
+  """The data item (it says whether the run was imported), or None when it does not read:
+  a reader never needs the data position, so its damage must not block sampling."""
+  try:
+    data = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+  except Exception:  # pylint: disable=broad-except  (Orbax: bare Exception, KeyError)
+    return None
+  return data if isinstance(data, dict) else None

@@ -82,6 +82,9 @@ def generate(method, params, *, num: int, seed: int, batch_size: int, num_steps:
     params = prepare(params)
   fn = make_sample_fn(method, tuple(image_shape), num_classes, num_steps, class_label, mesh,
                       **sampler_options)
+  # Traced once before the progress bar opens, so a sampler name or option the method
+  # refuses is one line on its own (the call below reuses this trace: nothing twice).
+  fn.trace(params, jnp.arange(batch_size, dtype=jnp.int32), seed)
   images, labels = [], []
   for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress,
                     unit="batch"):

@@ -151,12 +151,12 @@ def test_checksums_are_the_word_sums_worked_out_in_numpy():
   assert checksums.tree_stats({"w": jnp.asarray(x)}, "ema/halflife")[1] == ["ema/halflife/w"]
 
 
-def _tamper_checksum(workdir, step):
-  """Changes one saved sum: exactly what a flipped bit in the arrays looks like."""
+def _tamper_checksum(workdir, step, part="ema/"):
+  """Changes one saved sum of `part`: exactly what a flipped bit in its arrays looks like."""
   path = os.path.join(workdir, "checkpoints", str(step), "checksums", "metadata")
   with open(path) as f:
     item = json.load(f)
-  key = sorted(k for k in item["sums"] if k.startswith("ema/"))[0]
+  key = sorted(k for k in item["sums"] if k.startswith(part))[0]
   item["sums"][key][0] = (item["sums"][key][0] + 1) % 2**32
   with open(path, "w") as f:
     json.dump(item, f)
@@ -174,6 +174,29 @@ def test_changed_bytes_count_as_unreadable(tiny_edm_run, copy_run, capsys):
   state = loop.train(tiny_edm_run[0], workdir, num_steps=4, progress=False)  # resumes at 2
   assert int(state.step) == 4
   assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "4"))
+
+
+def test_damage_to_parts_readers_never_read_does_not_block_them(tiny_edm_run, copy_run,
+                                                                capsys):
+  """Changed optimizer-state bytes and a torn data position: sampling, evaluation, export
+  and teacher loading (runs.load_run) read step 4 as if nothing happened; train.py, which
+  needs both, passes over step 4 in one line naming what is damaged."""
+  workdir = copy_run()
+  key = _tamper_checksum(workdir, 4, part="opt_state/")
+  assert runs.load_run(workdir, "ema").step == 4 and runs.load_run(workdir, "online").step == 4
+  assert "unreadable" not in capsys.readouterr().err
+  state = loop.train(tiny_edm_run[0], workdir, num_steps=4, progress=False)  # resumes at 2
+  err = capsys.readouterr().err
+  assert int(state.step) == 4 and "checkpoint step 4" in err and key in err
+
+  torn = copy_run("torn")
+  with open(os.path.join(torn, "checkpoints", "4", "data", "metadata"), "w") as f:
+    f.write('{"process_count": 1, "proc')
+  assert runs.load_run(torn, "ema").step == 4
+  assert "unreadable" not in capsys.readouterr().err
+  loop.train(tiny_edm_run[0], torn, num_steps=4, progress=False)
+  err = capsys.readouterr().err
+  assert "checkpoint step 4" in err and "data position 4/data/metadata" in err
 
 
 def test_nan_weights_are_reported_at_restore(tiny_edm_run, copy_run, capsys):

@@ -30,17 +30,6 @@ def test_dry_run_tiny_matches_initialised_count(tiny_edm_run):
   assert f"params: {count_params(state.params)}" in out.splitlines()
 
 
-def test_config_mistakes_are_one_line_errors():
-  """An unknown key, an unknown variant and a missing file: one line each, no traceback."""
-  result = _run("train.py", "--config", "configs/digits_edm.py:tiny", "--dry_run",
-                "--config.optim.learning_rate=1e-4", check=False)
-  _one_line_failure(result, "--config.optim.learning_rate", "no such field")
-  result = _run("train.py", "--config=configs/digits_edm.py:bogus", "--dry_run", check=False)
-  _one_line_failure(result, "unknown config variant 'bogus'")
-  result = _run("train.py", "--config", "configs/nope.py", "--dry_run", check=False)
-  _one_line_failure(result, "configs/nope.py", "no such file")
-
-
 def test_sample_cli_writes_npz_and_png(tiny_edm_run, tmp_path):
   config, workdir, _ = tiny_edm_run
   out = tmp_path / "samples.npz"
@@ -53,12 +42,6 @@ def test_sample_cli_writes_npz_and_png(tiny_edm_run, tmp_path):
   assert max(grid.size) >= 256  # small images are enlarged so a person can see them
 
 
-def test_sample_cli_without_checkpoint_says_so(tmp_path):
-  result = _run("sample.py", "--workdir", str(tmp_path / "nothing"), check=False)
-  assert result.returncode != 0
-  assert "train a model there first" in result.stderr
-
-
 def _one_line_failure(result, *words, progress_bar=False):
   """Exit status != 0 and the error in one line (after a progress bar, when sampling ran)."""
   assert result.returncode != 0
@@ -68,13 +51,6 @@ def _one_line_failure(result, *words, progress_bar=False):
   assert err.count("\n") == 0, err
   for w in words:
     assert w in err, err
-
-
-def test_sample_cli_refuses_non_positive_counts(tmp_path):
-  for flag, value in (("--num", "0"), ("--num", "-5"), ("--steps", "0"),
-                      ("--batch_size", "0")):
-    result = _run("sample.py", "--workdir", str(tmp_path), flag, value, check=False)
-    _one_line_failure(result, flag, ">= 1")
 
 
 def test_sample_cli_refuses_non_finite_samples(tiny_edm_run, tmp_path):
@@ -94,21 +70,3 @@ def test_sample_cli_refuses_non_finite_samples(tiny_edm_run, tmp_path):
                 "--batch_size", "4", "--out", str(out), check=False)
   _one_line_failure(result, "NaN", "sample.py: step 4, weights 'halflife'", progress_bar=True)
   assert not out.exists()
-
-
-def test_training_counts_below_one_are_refused_before_anything_is_written(tmp_path):
-  """save_every / log_every 0 used to divide by zero after compiling; --steps 0 said "done"."""
-  for i, args in enumerate((["--config.training.save_every=0"],
-                            ["--config.training.log_every=0"], ["--steps", "0"])):
-    workdir = tmp_path / f"run{i}"
-    result = _run("train.py", "--config", "configs/digits_edm.py:tiny", "--workdir",
-                  str(workdir), *args, check=False)
-    _one_line_failure(result, ">= 1", args[0].split("=")[0].replace("--config.", ""))
-    assert not workdir.exists()
-
-
-def test_sample_cli_out_must_be_npz(tmp_path):
-  """--out x.png would be overwritten by the grid written beside it."""
-  result = _run("sample.py", "--workdir", str(tmp_path), "--out", str(tmp_path / "x.png"),
-                check=False)
-  _one_line_failure(result, "--out must be a .npz")

@@ -30,6 +30,7 @@ from cm_jax.eval.inception_score import inception_score
 from cm_jax.eval.kid import kernel_inception_distance
 from cm_jax.eval.precision_recall import precision_recall
 from cm_jax.eval.stats import FeatureStats, load_stats, save_stats
+from cm_jax.utils import safe_load
 
 ALL_METRICS = ("fd", "is", "pr", "kid")
 
@@ -45,13 +46,15 @@ class Reference:
 
 def load_samples_npz(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
   """(uint8 NHWC images, labels or None) from OpenAI's sample format (arr_0, arr_1)."""
-  with np.load(path, allow_pickle=False) as f:
+  with safe_load.open_npz(path, "samples .npz") as f:
     if "arr_0" not in f.files:
       raise ValueError(f"{path!r} has no 'arr_0' (uint8 NHWC images); keys: {f.files}")
     images = f["arr_0"]
     labels = f["arr_1"] if "arr_1" in f.files else None
   if images.dtype != np.uint8 or images.ndim != 4:
     raise ValueError(f"{path!r}: arr_0 must be uint8 NHWC, got {images.dtype} {images.shape}")
+  if len(images) == 0:  # every metric of zero images is undefined
+    raise ValueError(f"{path!r} holds no images (arr_0 has shape {images.shape})")
   return images, labels
 
 
@@ -99,7 +102,7 @@ def resolve_reference(spec: str, detector: features_lib.Detector, *, num: int = 
                       keep_max: Optional[int] = None, progress: bool = False) -> Reference:
   """Statistics (and features, when there are images) of the reference set."""
   if spec.endswith(".npz"):
-    with np.load(spec, allow_pickle=False) as f:
+    with safe_load.open_npz(spec, "reference .npz") as f:
       keys = set(f.files)
       images = f["arr_0"] if "arr_0" in keys else None
     if images is None:

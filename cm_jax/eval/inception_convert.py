@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from cm_jax.eval import inception
+from cm_jax.utils import safe_load
 
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
@@ -39,7 +40,8 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError("converting a .pth needs PyTorch (CPU build is enough): "
                       "pip install torch --index-url https://download.pytorch.org/whl/cpu") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  del torch  # only its presence is checked here; safe_load reads the file
+  state = safe_load.load_torch(path, "Inception .pth state dict")
   if not isinstance(state, dict):
     raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
   return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}

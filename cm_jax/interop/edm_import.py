@@ -35,6 +35,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from cm_jax.interop import name_maps
+from cm_jax.utils import safe_load
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -193,7 +194,13 @@ def load_pickle(path: str) -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no checkpoint file at {path!r}")
   with open(path, "rb") as f:
-    return RestrictedUnpickler(f).load()
+    try:
+      return RestrictedUnpickler(f).load()
+    except UnsafePickleError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (a damaged or foreign file)
+      raise ValueError(f"{path!r} is not a readable EDM network pickle "
+                       f"({safe_load.torch_failure(e, 'pickle')})") from None
 
 
 # ---- from stubs to a state dict ---------------------------------------------------------------

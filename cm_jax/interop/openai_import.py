@@ -19,6 +19,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from cm_jax.interop import name_maps
+from cm_jax.utils import safe_load
 
 
 def tensor_to_numpy(t) -> np.ndarray:
@@ -34,9 +35,7 @@ def tensor_to_numpy(t) -> np.ndarray:
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   """A torch.save'd state dict as {key: numpy array}, read with weights_only=True."""
   import torch  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no checkpoint file at {path!r}")
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  obj = safe_load.load_torch(path, "PyTorch state dict")
   for wrapper in ("state_dict", "model", "ema"):  # common wrappers around a state dict
     if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict) and not any(
         torch.is_tensor(v) for v in obj.values()):

@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from cm_jax.nets import lpips
+from cm_jax.utils import safe_load
 
 # torchvision vgg16().features indices of the 13 convolutions, in order.
 TORCHVISION_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -69,9 +70,11 @@ def main(argv=None) -> int:
   parser.add_argument("--lin", required=True, help="PerceptualSimilarity v0.1 vgg.pth")
   parser.add_argument("--out", required=True, help="output .npz")
   args = parser.parse_args(argv)
-  import torch  # pylint: disable=g-import-not-at-top
-  vgg_state = torch.load(args.vgg16, map_location="cpu", weights_only=True)
-  lin_state = torch.load(args.lin, map_location="cpu", weights_only=True)
+  try:
+    vgg_state = safe_load.load_torch(args.vgg16, "VGG16 .pth state dict")
+    lin_state = safe_load.load_torch(args.lin, "LPIPS vgg.pth state dict")
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"lpips_convert: {e}")
   lpips.save_params(args.out, convert(vgg_state, lin_state))
   print(f"wrote {args.out}")
   return 0

@@ -89,20 +89,31 @@ class RunCheckpoints:
     are reported in one loud line each and, unless read-only, moved to
     <workdir>/checkpoints_unreadable/ (never deleted: the run will save those step
     numbers again). One line when none reads."""
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(with_default_sharding(abstract_state)),
-        data=ocp.args.JsonRestore())
+    state_args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(with_default_sharding(abstract_state)))
     def read(manager, s):
-      restored = manager.restore(s, args=args)
+      restored = manager.restore(s, args=state_args)
       verify_restored(manager, s, restored.state, "", f"the train state of step {s}")
-      return restored
+      return restored.state, self._read_data_position(manager, s)
 
     restored, step = read_newest_readable(
         self.manager, self.workdir, step, read,
         set_aside=None if self.read_only else self._set_aside)
     if not self.read_only:
       self.manager.reload()  # forget the steps moved aside
-    return restored.state, restored.data, step
+    return restored[0], restored[1], step
+
+  def _read_data_position(self, manager, step: int) -> dict:
+    """The data item of `step`, read on its own so that a damaged one is named by its file."""
+    try:
+      data = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    except Exception as e:  # pylint: disable=broad-except  (Orbax: bare Exception, KeyError)
+      # The step directory is named by the warning around this; the file is named here.
+      raise ValueError(f"data position {step}/data/metadata: {describe_failure(e)}") from None
+    if not isinstance(data, dict):
+      raise ValueError(f"data position {step}/data/metadata holds {type(data).__name__}, "
+                       f"not a JSON object")
+    return data
 
   def _set_aside(self, step: int) -> str:
     """Moves checkpoint `step` out of the manager's directory; returns where it went."""

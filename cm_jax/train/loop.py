@@ -5,12 +5,13 @@ the same position, so N steps + restart + N steps equals 2N steps in one go.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import tempfile
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from cm_jax import data as data_lib
 from cm_jax import sampling
 from cm_jax.methods import teachers
-from cm_jax.train import builders, parallel, rounds
+from cm_jax.train import builders, parallel, resume_check, rounds
 from cm_jax.train.checkpoint import (RunCheckpoints, data_state_for_process, is_remote,
                                      load_config, process_data_states)
 from cm_jax.train.metrics_log import MetricsLog
@@ -73,8 +74,22 @@ class _StopSignals:
     self._previous = {}
 
 
-def train(config, workdir: str, *, num_steps: Optional[int] = None,
-          progress: bool = True, teacher_params=None, data_iterator=None):
+@dataclasses.dataclass
+class TrainResult:
+  """How a call of `run` ended."""
+  state: Any                 # the final train state in host form
+  step: int                  # the last step trained (and checkpointed)
+  total: int                 # the step the run was asked to reach
+  stopped_by: Optional[str]  # the signal that ended it early; None when it reached `total`
+
+
+def train(config, workdir: str, **kwargs):
+  """`run` for the final state alone (the tests' and benchmarks' form)."""
+  return run(config, workdir, **kwargs).state
+
+
+def run(config, workdir: str, *, num_steps: Optional[int] = None,
+        progress: bool = True, teacher_params=None, data_iterator=None) -> TrainResult:
   """Trains `config` in `workdir` up to `num_steps` (default config.training.num_steps).
 
   A method that distils a teacher provides `load_teacher() -> params`; the
@@ -96,11 +111,16 @@ def train(config, workdir: str, *, num_steps: Optional[int] = None,
   next / get_state / set_state / info); the tests use it to feed one process
   the shards of several.
 
-  Returns the final state in host form (no device axis, whatever config.parallel).
+  Returns a TrainResult: the final state in host form (no device axis, whatever
+  config.parallel), the step reached and, when a signal ended the run early, which.
   """
   # Listening from the start: a signal during set-up or compilation stops the run
   # after its first step (JAX's own SIGTERM notifier would otherwise swallow it).
   signals = _StopSignals(enabled=bool(config.training.get("handle_signals", True)))
+  # Locked as train.py's config flag locks it, so a field the trainer adds without
+  # unlocking fails in every test, not only on the command line.
+  config = config.copy_and_resolve_references()
+  config.lock()
   try:
     return _train(config, workdir, num_steps, progress, teacher_params, data_iterator, signals)
   finally:
@@ -140,6 +160,12 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
   # A method with rounds keeps the checkpoint that ends each round (its finished student).
   ckpts = RunCheckpoints(workdir, max_to_keep=tcfg.keep_checkpoints,
                          keep_period=plan[1] if plan is not None else None)
+  if ckpts.latest_step() is not None:  # before the teacher is read or anything is built
+    try:
+      resume_check.check_same_run(load_config(workdir), config, workdir)
+    except ValueError:
+      ckpts.close()
+      raise
   if teacher_params is None and hasattr(parts.method, "load_teacher"):
     teacher_params = parts.method.load_teacher()  # refuses to start without its teacher
   saved_config = _with_teacher_identity(config, getattr(parts.method, "teacher_identity", None),
@@ -165,7 +191,7 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
   current_round = rounds.host_round(par.to_host(state)) if plan is not None else None
   if start >= total:
     ckpts.close()
-    return par.to_host(state)
+    return TrainResult(par.to_host(state), start, total, None)
 
   step_fn = par.compile(
       make_train_step(parts.method, parts.optimizer, config.ema, tcfg.batch_size,
@@ -174,6 +200,7 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
   log = MetricsLog(workdir, enabled=pindex == 0, resume_step=start)
   grid_fn = None
   pending, window, t_window = None, [], time.perf_counter()
+  done, stopped_by = start, None
   bar = tqdm(total=total, initial=start, desc="train", unit="step",
              disable=not progress or pindex != 0, dynamic_ncols=True)
 
@@ -225,9 +252,9 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
           save(done)
           last_saved = done
         ckpts.wait()
-        print(f"stopped by {signals.requested or 'a signal on another process'} after step "
-              f"{done}; checkpoint saved in {ckpts.directory} (rerun the same command to "
-              f"continue)", flush=True)
+        stopped_by = signals.requested or "a signal on another process"
+        print(f"stopped by {stopped_by} after step {done} of {total}; checkpoint saved in "
+              f"{ckpts.directory} (rerun the same command to continue)", flush=True)
         break
 
       if tcfg.sample_every and (done % tcfg.sample_every == 0 or done == total):
@@ -243,7 +270,7 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
     bar.close()
     log.close()
     ckpts.close()
-  return par.to_host(state)
+  return TrainResult(par.to_host(state), done, total, stopped_by)
 
 
 def _with_teacher_identity(config, identity, workdir, ckpts):
@@ -257,7 +284,8 @@ def _with_teacher_identity(config, identity, workdir, ckpts):
     teachers.check_same_teacher(saved, identity,
                                 bool(config.method.get(teachers.OVERRIDE_KEY, False)))
   recorded = config.copy_and_resolve_references()
-  recorded.method[teachers.IDENTITY_KEY] = identity
+  with recorded.unlocked():  # a field the config files do not declare
+    recorded.method[teachers.IDENTITY_KEY] = identity
   return recorded
 
 
