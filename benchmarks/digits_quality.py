@@ -84,6 +84,18 @@ def restore_params(config, workdir: str):
   return parts, run.params, run.step
 
 
+def sample_and_score(metric, parts, params, config, mesh, *, num: int, seed: int,
+                     num_steps: int, **options) -> tuple[dict, float]:
+  """(digits-metric scores, seconds spent sampling) of `num` images with per-image seeds."""
+  t0 = time.perf_counter()
+  images, labels = sampling.generate(
+      parts.method, params, num=num, seed=seed, batch_size=config.sample.batch_size,
+      num_steps=num_steps, image_shape=parts.image_shape,
+      num_classes=config.data.num_classes, mesh=mesh, **options)
+  seconds = time.perf_counter() - t0
+  return metric(images, labels), seconds
+
+
 def markdown_table(rows: list[dict]) -> str:
   conditional = any(r.get("accuracy") is not None for r in rows)
   head = ["method", "steps", "NFE", "FD-digits", "coverage", "class entropy"]
@@ -154,14 +166,9 @@ def main(argv=None) -> int:
       settings = [(int(n), float(w)) for w in args.vp_guidance.split(",")
                   for n in args.vp_steps.split(",")]
     for num_steps, guidance in settings:
-      t0 = time.perf_counter()
-      images, labels = sampling.generate(
-          parts.method, params, num=args.num, seed=args.seed,
-          batch_size=config.sample.batch_size, num_steps=num_steps,
-          image_shape=parts.image_shape, num_classes=config.data.num_classes, mesh=mesh,
-          **({"guidance": guidance} if guidance else {}))
-      sample_s = time.perf_counter() - t0
-      scores = metric(images, labels)
+      scores, sample_s = sample_and_score(
+          metric, parts, params, config, mesh, num=args.num, seed=args.seed,
+          num_steps=num_steps, **({"guidance": guidance} if guidance else {}))
       nfe = evaluator.nfe(parts.method, config.sample.sampler, num_steps)
       row = {"method": method + (f" (w={guidance:g})" if guidance else ""),
              "num_steps": num_steps, "sampler": config.sample.sampler, "guidance": guidance,

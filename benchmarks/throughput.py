@@ -142,9 +142,10 @@ def random_teacher(parts, config, rng):
   """What load_teacher() gives the loss, with the teacher network freshly initialised.
 
   CD (a method with _load_teacher_params) gets {'teacher': random weights of the student's
-  network} plus its other frozen extras (LPIPS); guided distillation gets a VP teacher of
-  the student's network without the w input; progressive distillation needs none (its
-  round's teacher is the state's copy of the student); other methods with load_teacher
+  network} plus its other frozen extras (LPIPS); guided distillation and multistep CD get a VP
+  teacher of the student's network (without the w input); progressive distillation and
+  multistep CT need none (the round's teacher is the state's copy of the student; CT reads
+  its diffusion run only for the starting weights); other methods with load_teacher
   (CT/iCT: LPIPS only, None for l2) get load_teacher() itself. Returns (aux, description).
   """
   from cm_jax.methods.teachers import teacher_method
@@ -155,7 +156,7 @@ def random_teacher(parts, config, rng):
     return None, None
   if getattr(method, "teacher_seeds_only", False):
     return None, RANDOM_TEACHER
-  if method.name == "guided":
+  if method.name in ("guided", "mcm_cd"):  # a VP teacher of the student's network
     tcfg = config.copy_and_resolve_references()
     tcfg.model.cond_dim = 0
     tcfg.method.update(name="vp", label_dropout=0.1)
@@ -173,12 +174,16 @@ def teacher_forwards(method, config) -> int:
   student's forward/backward: CD one (Euler) or two (Heun) teacher evaluations (doubled
   when the teacher is guided) plus the target network's; guided distillation stage 1 the
   teacher on twice the batch (conditional and unconditional halves); progressive
-  distillation two teacher DDIM steps; 0 for a plain diffusion step."""
+  distillation two teacher DDIM steps; multistep CD one teacher evaluation (doubled when
+  guided) plus the student's stop-gradient x_ref, multistep CT x_ref alone; 0 for a plain
+  diffusion step."""
   name = getattr(method, "name", "")
+  guided = float(config.method.get("teacher_guidance", 0.0) or 0.0) > 0
   if name == "cd":
-    guided = float(config.method.get("teacher_guidance", 0.0) or 0.0) > 0
     return (2 if config.method.solver == "heun" else 1) * (2 if guided else 1) + 1
-  return {"guided": 2, "pd": 2}.get(name, 0)
+  if name == "mcm_cd":
+    return (2 if guided else 1) + 1
+  return {"guided": 2, "pd": 2, "mcm_ct": 1}.get(name, 0)
 
 
 def time_saving(par, state, compiled, gbatch, rng, teacher, config, steps: int) -> dict:

@@ -94,14 +94,25 @@ def guided_denoiser(denoise: Callable, w, null_class: Optional[int] = None,
     cond = as_conditioning(cond, vector)
     b = x.shape[0]
     w_b = jnp.broadcast_to(jnp.asarray(w, _F32), (b,))
-    both_cond = _concat(cond, unconditional(cond, null_class, null_context))
-    s = jnp.broadcast_to(jnp.reshape(jnp.asarray(sigma, _F32), (-1,)), (b,))
-    out = denoise(jnp.concatenate([x, x], 0), jnp.concatenate([s, s], 0), both_cond)
-    x_c, x_u = out[:b], out[b:]
+    x_c, x_u = conditional_and_unconditional(denoise, x, sigma, cond, null_class, null_context)
     w_x = w_b.reshape((b,) + (1,) * (x.ndim - 1))
     return (1.0 + w_x) * x_c - w_x * x_u
 
   return guided
+
+
+def conditional_and_unconditional(denoise: Callable, x, sigma, cond,
+                                  null_class: Optional[int] = None,
+                                  null_context: Optional[jax.Array] = None):
+  """(D(x; sigma, cond), D(x; sigma, null)) from one call on a batch of 2B: the two halves
+  of classifier-free guidance, for callers that need the conditional output on its own
+  (multistep CD measures its x_var on it)."""
+  cond = as_conditioning(cond)
+  b = x.shape[0]
+  both_cond = _concat(cond, unconditional(cond, null_class, null_context))
+  s = jnp.broadcast_to(jnp.reshape(jnp.asarray(sigma, _F32), (-1,)), (b,))
+  out = denoise(jnp.concatenate([x, x], 0), jnp.concatenate([s, s], 0), both_cond)
+  return out[:b], out[b:]
 
 
 def guidance_embedding(w, dim: int, scale: float = 1000.0) -> jax.Array:

@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
-      sampler="heun",         # heun (EDM Alg. 1) | euler | ddim | dpmpp_2m | edm_stochastic (EDM Alg. 2)
+      sampler="heun",         # heun (EDM Alg. 1) | euler | ddim | addim | dpmpp_2m | edm_stochastic (EDM Alg. 2)
       num_steps=18,           # grid points; Heun uses 2N-1 network evaluations
       params="ema",           # ema | online | an EMA's name
       grid_size=64,
@@ -124,3 +124,30 @@ def pd_tiny_fields(c, teacher_workdir: str) -> None:
   c.method.update(teacher_workdir=teacher_workdir, teacher_steps=4)
   pd_training_fields(c, lr=c.optim.lr, steps_per_round=2)
   c.training.update(save_every=2)
+
+
+def mcm_fields(c, name: str, *, teacher_workdir: str, student_steps: int,
+               anneal_steps: int, lr: float) -> None:
+  """Turns a VP teacher's config into multistep CD / CT of that teacher (Heek et al. 2024):
+  the teacher's network, schedule and output parameterisation (the student starts from its
+  weights), the paper's annealed teacher steps 64 -> 1280 over `anneal_steps`, Algorithm 2
+  sampling with S steps (sample.num_steps follows method.student_steps, also when it is set
+  on the command line), no per-step clipping (Algorithm 2 has none). The optimizer (Adam at
+  `lr`, grad clip 1, no warm-up: the run starts from a trained network) is ours; the paper
+  does not pin it in what cm_jax reads."""
+  # pylint: disable-next=g-import-not-at-top
+  from cm_jax.methods.multistep_consistency import SAMPLER, method_config
+  c.method = method_config(name, prediction=c.method.prediction,
+                           teacher_workdir=teacher_workdir, student_steps=student_steps,
+                           teacher_anneal_steps=anneal_steps)
+  c.model.update(dropout=0.0)
+  c.optim.update(name="adam", lr=lr, warmup_steps=0, weight_decay=0.0, grad_clip=1.0)
+  c.sample.update(sampler=SAMPLER, clip_denoised=False)
+  c.sample.num_steps = c.method.get_ref("student_steps")
+
+
+def mcm_tiny_fields(c, teacher_workdir: str) -> None:
+  """The seconds-long `:tiny` multistep run: S = 2, 4 steps from `teacher_workdir`."""
+  c.method.update(teacher_workdir=teacher_workdir, student_steps=2, teacher_anneal_steps=4)
+  c.training.update(batch_size=16, num_steps=4, log_every=2, save_every=2, sample_every=0)
+  c.sample.update(grid_size=16, batch_size=16)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cm_testlib import micro, save_run
-from configs import digits_ct, digits_edm
+from configs import digits_ct, digits_edm, digits_mcm_cd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "configs/digits_edm.py:tiny"
@@ -41,6 +41,7 @@ def places(tiny_edm_run, tmp_path_factory):
   uncond = micro(digits_edm.get_config("tiny"))
   uncond.data.num_classes = 0
   p["uncond"], _ = save_run(str(root / "uncond"), uncond)
+  p["mcm"], _ = save_run(str(root / "mcm"), micro(digits_mcm_cd.get_config("tiny")))  # S = 2
   np.savez(root / "empty.npz", np.zeros((0, 8, 8, 1), np.uint8))
   (root / "text.npz").write_text("not an archive")
   (root / "a_file").write_text("")
@@ -116,6 +117,17 @@ CASES = {
     "ts not increasing": ("sample.py --workdir {ct} --ts 20,3", ["--ts", "increase strictly"],
                           None),
     "unknown EMA": ("sample.py --workdir {edm} --params nope", ["no EMA named 'nope'"], None),
+    "multistep steps not a divisor of S": (
+        "sample.py --workdir {mcm} --steps 3 --num 2",
+        ["S = 2 segments", "a divisor of 2", "got 3"], None),
+    "multistep S above the teacher steps": (
+        "train.py --config configs/digits_mcm_cd.py:tiny --workdir {tmp}/n_mcm "
+        "--config.method.student_steps=128", ["student_steps S = 128", "teacher_steps_min"],
+        "{tmp}/n_mcm"),
+    "multistep teacher not a diffusion model": (
+        "train.py --config configs/digits_mcm_cd.py:tiny --workdir {tmp}/n_mcm2 "
+        "--config.method.teacher_workdir={ct}", ["method is 'ct', not one of ('vp', 'edm')"],
+        "{tmp}/n_mcm2"),
     "unknown sampler": ("sample.py --workdir {edm} --sampler nope --num 2 --steps 2",
                         ["sampler 'nope'", "heun"], None),
     "class label unconditional": ("sample.py --workdir {uncond} --class_label 3",

@@ -67,7 +67,7 @@ class SamplingPlan:
   sampler: str
   options: dict          # keyword options for sampling.generate (sampler only if changed)
   guidance: float
-  warning: Optional[str]  # a guidance caveat the script prints as a warning line
+  warning: Optional[str]  # a caveat (guidance, step count) the script prints as a warning
 
 
 def plan_sampling(config, method, *, steps: Optional[int], ts: Optional[Sequence[str]],
@@ -92,6 +92,10 @@ def plan_sampling(config, method, *, steps: Optional[int], ts: Optional[Sequence
   except ValueError as e:
     raise RequestError(str(e)) from None
   options.update(guided)
+  steps_warning = getattr(method, "steps_warning", None)  # e.g. a multistep model's S
+  extra = steps_warning(int(num_steps)) if steps_warning is not None else None
+  if extra:
+    warning = f"{warning}; {extra}" if warning else extra
   return SamplingPlan(num_steps=int(num_steps), sampler=chosen, options=options,
                       guidance=float(w or 0.0), warning=warning)
 

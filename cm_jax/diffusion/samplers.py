@@ -143,8 +143,10 @@ def sample_edm_stochastic(denoise, x_T, grid, rng=None, cond=None, callback=None
 
 # DPM-Solver++(2M) lives in its own module; imported here so every sampler has one registry.
 from cm_jax.diffusion.vp_samplers import sample_dpmpp_2m, sample_meng_stochastic  # noqa: E402  pylint: disable=g-import-not-at-top
+from cm_jax.diffusion.addim_sampler import sample_addim  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SAMPLERS = {
+    "addim": sample_addim,
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
@@ -162,6 +164,6 @@ def sampler_nfe(name: str, num_steps: int) -> int:
     raise ValueError(f"unknown sampler {name!r}; known: {sorted(SAMPLERS)}")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  if name in ("euler", "ddim", "dpmpp_2m", "meng_stochastic"):
+  if name in ("euler", "ddim", "addim", "dpmpp_2m", "meng_stochastic"):
     return int(num_steps)
   return 2 * int(num_steps) - 1

@@ -5,6 +5,8 @@ from cm_jax.methods.consistency import (ConsistencyDistillation, ConsistencyTrai
                                         ImprovedConsistencyTraining)
 from cm_jax.methods.edm import EDM
 from cm_jax.methods.guided_distillation import GuidedDistillation
+from cm_jax.methods.multistep_consistency import (MultistepConsistency,
+                                                  MultistepConsistencyTraining)
 from cm_jax.methods.olss import OLSS
 from cm_jax.methods.progressive import ProgressiveDistillation
 from cm_jax.methods.vp_diffusion import VPDiffusion
@@ -17,6 +19,8 @@ METHODS = {
     "ict": ImprovedConsistencyTraining,
     "guided": GuidedDistillation,
     "pd": ProgressiveDistillation,
+    "mcm_cd": MultistepConsistency,
+    "mcm_ct": MultistepConsistencyTraining,
     "olss": OLSS,
 }
 

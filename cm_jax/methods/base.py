@@ -82,9 +82,9 @@ class Method(Protocol):
   #       again) and resets every EMA copy and the target network to the new student.
   #       The checkpoint that ends each round is always kept.
   #   teacher_seeds_only = True (attribute)
-  #       load_teacher()'s result only feeds initial_params / round 0 (progressive
-  #       distillation): the trainer does not pass it to the steps, which read the round's
-  #       teacher from the state.
+  #       load_teacher()'s result only feeds initial_params / round 0: the trainer does not
+  #       pass it to the steps (progressive distillation reads the round's teacher from the
+  #       state; multistep CT only starts from a diffusion run's weights).
   #   checkpoint_step_for(config, num_steps) (classmethod)
   #       the checkpoint step readers sample `num_steps` from (a run that keeps one
   #       student per step count); a one-line ValueError when it has no such student.
@@ -108,6 +108,9 @@ class Method(Protocol):
   #   sampling_params(self, params) -> Params
   #       what sample() takes, built from the run's parameters before sampling
   #       (cm_jax.sampling.generate): OLSS adds the teacher's weights to its coefficients.
+  #   steps_warning(self, num_steps) -> Optional[str]
+  #       a one-line warning sample.py / evaluate.py print for a step count the method
+  #       samples with but was not trained for (a multistep model at a divisor of its S).
   #   check_sample_options(self, num_steps, **sampler_options) -> None
   #       a one-line ValueError for a step count or sampler the method cannot sample
   #       with, raised by cm_jax.sampling.generate before anything is read or compiled.

@@ -129,14 +129,7 @@ class WConditionedVP(VPDiffusion):
 
   def _teacher_mismatches(self, tcfg, new_layers) -> list[str]:
     """Why the student cannot start from (or be) this teacher's network, if it cannot."""
-    problems = teachers.model_mismatches(tcfg, self.config, new_layers=new_layers)
-    if tcfg.method.get("prediction") != self.cfg.prediction:
-      problems.append(f"method.prediction {tcfg.method.get('prediction')!r} != student's "
-                      f"{self.cfg.prediction!r}")
-    tsched = dict(tcfg.get("schedule", {}) or {})
-    if tsched != dict(self.config.schedule):
-      problems.append(f"schedule {tsched} != student's {dict(self.config.schedule)}")
-    return problems
+    return teachers.vp_start_mismatches(tcfg, self.config, new_layers)
 
 
 class GuidedDistillation(WConditionedVP):

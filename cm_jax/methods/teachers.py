@@ -126,6 +126,20 @@ def model_mismatches(tcfg, config, new_layers=MODEL_FIELDS_NEW_LAYERS) -> list[s
   return problems
 
 
+def vp_start_mismatches(tcfg, config, new_layers=()) -> list[str]:
+  """Why a VP student (guided, progressive, multistep) cannot start from, or be, this VP
+  run's network: the network apart from `new_layers`, the output parameterisation and the
+  schedule must be the student's, since the student is that network on that schedule."""
+  problems = model_mismatches(tcfg, config, new_layers=new_layers)
+  if tcfg.method.get("prediction") != config.method.prediction:
+    problems.append(f"method.prediction {tcfg.method.get('prediction')!r} != student's "
+                    f"{config.method.prediction!r}")
+  tsched = dict(tcfg.get("schedule", {}) or {})
+  if tsched != dict(config.schedule):
+    problems.append(f"schedule {tsched} != student's {dict(config.schedule)}")
+  return problems
+
+
 def _flat(tree):
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -175,9 +175,10 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
   init_rng = jax.random.fold_in(rng, 0x5EED)
   state = par.init_state(lambda r, t: builders.new_train_state(parts, config, r, t),
                          init_rng, teacher_params)
-  if plan is not None and getattr(parts.method, "teacher_seeds_only", False):
-    # The loaded teacher only chose the starting weights; every step reads the round's
-    # teacher from the state, so this copy need not ride along (memory).
+  if getattr(parts.method, "teacher_seeds_only", False):
+    # The loaded teacher only chose the starting weights (multistep CT), or every step
+    # reads the round's teacher from the state (progressive distillation): this copy need
+    # not ride along (memory).
     teacher_params = None
   start = 0
   if ckpts.latest_step() is not None:
