@@ -143,7 +143,9 @@ def mcm_fields(c, name: str, *, teacher_workdir: str, student_steps: int,
   c.model.update(dropout=0.0)
   c.optim.update(name="adam", lr=lr, warmup_steps=0, weight_decay=0.0, grad_clip=1.0)
   c.sample.update(sampler=SAMPLER, clip_denoised=False)
-  c.sample.num_steps = c.method.get_ref("student_steps")
+  # A derived reference (`+ 0`): it follows method.student_steps, and setting
+  # sample.num_steps changes only itself (a plain get_ref would also set S).
+  c.sample.num_steps = c.method.get_ref("student_steps") + 0
 
 
 def mcm_tiny_fields(c, teacher_workdir: str) -> None:

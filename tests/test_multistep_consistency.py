@@ -106,6 +106,17 @@ def test_sampling_step_counts_and_samplers_are_checked():
     method.check_sample_options(4, sampler="ddim")
 
 
+def test_sample_steps_follow_s_and_setting_them_leaves_s_alone():
+  config = digits_mcm_cd.get_config("")
+  config.lock()  # as the command line's config flag holds it
+  config.method.student_steps = 2
+  assert config.sample.num_steps == 2
+  config.sample.num_steps = 1
+  assert config.method.student_steps == 2
+  resolved = config.copy_and_resolve_references()
+  assert (resolved.method.student_steps, resolved.sample.num_steps) == (2, 1)
+
+
 def test_bad_settings_are_one_line_errors():
   with pytest.raises(ValueError, match=r"student_steps S = 128 > teacher_steps_min = 64"):
     _method(student_steps=128)
