@@ -323,11 +323,24 @@ def _read_copy(manager, workdir: str, step: int, which: Optional[str]):
   return config, params, name, _data_item_or_none(manager, step)
 
 
-def _data_item_or_none(manager, step: int) -> Optional[dict]:
-  """The data item (it says whether the run was imported), or None when it does not read:
-  a reader never needs the data position, so its damage must not block sampling."""
+def read_data_position(manager, step: int) -> dict:
+  """The data item of checkpoint `step` (the data position; whether the run was imported),
+  read on its own so that a damaged one is named by its file: one-line ValueError."""
   try:
     data = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-  except Exception:  # pylint: disable=broad-except  (Orbax: bare Exception, KeyError)
+  except Exception as e:  # pylint: disable=broad-except  (Orbax: bare Exception, KeyError)
+    # The step directory is named by the caller's warning; the file is named here.
+    raise ValueError(f"data position {step}/data/metadata: {describe_failure(e)}") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"data position {step}/data/metadata holds {type(data).__name__}, "
+                     f"not a JSON object")
+  return data
+
+
+def _data_item_or_none(manager, step: int) -> Optional[dict]:
+  """The data item, or None when it does not read: a reader never needs the data position,
+  so its damage must not block sampling."""
+  try:
+    return read_data_position(manager, step)
+  except ValueError:
     return None
-  return data if isinstance(data, dict) else None

@@ -148,8 +148,9 @@ def mcm_fields(c, name: str, *, teacher_workdir: str, student_steps: int,
   c.sample.num_steps = c.method.get_ref("student_steps") + 0
 
 
-def mcm_tiny_fields(c, teacher_workdir: str) -> None:
-  """The seconds-long `:tiny` multistep run: S = 2, 4 steps from `teacher_workdir`."""
+def mcm_tiny_fields(c, teacher_workdir: str, batch: int = 16) -> None:
+  """The seconds-long `:tiny` multistep run: S = 2, 4 steps at `batch` from
+  `teacher_workdir`."""
   c.method.update(teacher_workdir=teacher_workdir, student_steps=2, teacher_anneal_steps=4)
-  c.training.update(batch_size=16, num_steps=4, log_every=2, save_every=2, sample_every=0)
-  c.sample.update(grid_size=16, batch_size=16)
+  c.training.update(batch_size=batch, num_steps=4, log_every=2, save_every=2, sample_every=0)
+  c.sample.update(grid_size=batch, batch_size=batch)

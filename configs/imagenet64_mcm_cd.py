@@ -24,7 +24,5 @@ def get_config(arg: str = ""):
              anneal_steps=100_000, lr=1e-4)
   c.training.update(batch_size=2048, num_steps=200_000, save_every=2_000, sample_every=10_000)
   if variant == "tiny":
-    mcm_tiny_fields(c, "runs/in64_vp_tiny")
-    c.training.update(batch_size=8)
-    c.sample.update(batch_size=8, grid_size=8)
+    mcm_tiny_fields(c, "runs/in64_vp_tiny", batch=8)
   return c

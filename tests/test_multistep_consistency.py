@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cm_jax.diffusion import samplers, solvers
-from cm_jax.diffusion.addim_sampler import addim_ve_step, sample_addim
+from cm_jax.diffusion.addim_sampler import sample_addim
 from cm_jax.methods import multistep_consistency as mcm
 from cm_jax.methods.base import LossContext
 from cm_jax.train import builders, loop
@@ -224,6 +224,8 @@ def test_one_segment_is_a_consistency_model():
 
 
 def test_addim_sampler_step_is_algorithm_3_in_ve_coordinates():
+  """The VE-coordinate step (alpha = 1, sigma = sigma/alpha) equals the VP step of z = alpha x
+  divided by alpha_s, and the sampler chains it with the paper's sampling x_var."""
   rng = np.random.default_rng(8)
   z_t = jnp.asarray(rng.standard_normal((2, 4, 4, 1)), jnp.float32)
   x_hat = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
@@ -233,7 +235,9 @@ def test_addim_sampler_step_is_algorithm_3_in_ve_coordinates():
   x_var = 0.1 / (2 + math.exp(l_t))  # the paper's sampling x_var: 0.1 / (2 + alpha^2/sigma^2)
   want = solvers.addim_step(x_hat, z_t, a(l_t), s(l_t), a(l_s), s(l_s), x_var) / a(l_s)
   ve = lambda l: s(l) / a(l)
-  got = addim_ve_step(x_hat, z_t / a(l_t), ve(l_t), ve(l_s), x_var)
+  ve_step = lambda xh, x, t_cur, t_next, var: solvers.addim_step(xh, x, 1.0, t_cur, 1.0,
+                                                                 t_next, var)
+  got = ve_step(x_hat, z_t / a(l_t), ve(l_t), ve(l_s), x_var)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(solvers.addim_sampling_x_var(a(l_t), s(l_t))), x_var,
                              rtol=1e-6)
@@ -245,8 +249,7 @@ def test_addim_sampler_step_is_algorithm_3_in_ve_coordinates():
   ref = x
   for t_cur, t_next in zip(grid[:-1], grid[1:]):
     xh = denoise(ref, jnp.full((2,), t_cur))
-    ref = xh if t_next == 0 else addim_ve_step(xh, ref, t_cur, t_next,
-                                               0.1 / (2 + 1 / t_cur ** 2))
+    ref = xh if t_next == 0 else ve_step(xh, ref, t_cur, t_next, 0.1 / (2 + 1 / t_cur ** 2))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
   assert samplers.sampler_nfe("addim", 18) == 18 and "addim" in samplers.SAMPLERS
 

@@ -20,40 +20,21 @@ cm_jax.diffusion works there) the step divided by alpha_s reads
   x_var   = 0.1 / (2 + 1 / sigma_ve_t^2),
 
 since alpha_t sigma_s / (sigma_t alpha_s) = sigma_ve_s / sigma_ve_t and alpha^2 / sigma^2 =
-1 / sigma_ve^2: only the VE levels enter, so it samples VP and EDM teachers alike. With
-x_var = 0 it is `samplers.sample_ddim`; a last level of 0 returns x_hat plus the inflation
-(1 - 0)^2 x_var, which is then 0.1 / (2 + 1/sigma_ve_t^2) of eps_hat: not clean. The last
-step is therefore plain DDIM (x_0 = x_hat), as every DDIM sampler of cm_jax ends.
+1 / sigma_ve^2. That is `solvers.addim_step` itself with alpha = 1 and sigma = sigma_ve (a VE
+schedule), and `solvers.addim_sampling_x_var` at alpha = 1: only the VE levels enter, so it
+samples VP and EDM teachers alike. With x_var = 0 it is `samplers.sample_ddim`; a last level
+of 0 returns x_hat plus the inflation (1 - 0)^2 x_var, which is then 0.1 / (2 + 1/sigma_ve_t^2)
+of eps_hat: not clean. The last step is therefore plain DDIM (x_0 = x_hat), as every DDIM
+sampler of cm_jax ends.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from cm_jax.diffusion import solvers
+
 _F32 = jnp.float32
-
-
-def addim_sampling_variance(sigma_ve):
-  """x_var of aDDIM sampling, 0.1 / (2 + alpha^2/sigma^2), from the VE level sigma/alpha."""
-  s = jnp.asarray(sigma_ve, _F32)
-  return 0.1 / (2.0 + 1.0 / (s * s))
-
-
-def addim_ve_step(x_hat, x_t, sigma_t, sigma_s, x_var):
-  """One aDDIM step t -> s in VE coordinates (module doc); sigma_* scalars, x_var scalar or
-  (B,). Equals `solvers.addim_step` of z = alpha x divided by alpha_s."""
-  x_t = jnp.asarray(x_t, _F32)
-  x_hat = jnp.asarray(x_hat, _F32)
-  eps_hat = (x_t - x_hat) / sigma_t
-  axes = tuple(range(1, x_t.ndim))
-  d = 1
-  for n in x_t.shape[1:]:
-    d *= int(n)
-  norm2 = jnp.maximum(jnp.sum(jnp.square(eps_hat), axis=axes, keepdims=True),
-                      jnp.finfo(_F32).tiny)
-  var = jnp.reshape(jnp.asarray(x_var, _F32), (-1,) + (1,) * (x_t.ndim - 1))
-  z_var = jnp.square(1.0 - sigma_s / sigma_t) * var
-  return x_hat + jnp.sqrt(sigma_s * sigma_s + (d / norm2) * z_var) * eps_hat
 
 
 def sample_addim(denoise, x_T, grid, rng=None, cond=None, callback=None):
@@ -68,7 +49,9 @@ def sample_addim(denoise, x_T, grid, rng=None, cond=None, callback=None):
     x_hat = jnp.asarray(denoise(x, jnp.full((x.shape[0],), t_cur, _F32), cond), _F32)
     if callback is not None:
       jax.debug.callback(callback, i, x, x_hat, t_cur, ordered=True)
-    stepped = addim_ve_step(x_hat, x, t_cur, t_next, addim_sampling_variance(t_cur))
+    # VE coordinates: the VP step with alpha = 1 and sigma = sigma_ve (module doc).
+    stepped = solvers.addim_step(x_hat, x, 1.0, t_cur, 1.0, t_next,
+                                 solvers.addim_sampling_x_var(1.0, t_cur))
     return jnp.where(t_next > 0, stepped, x_hat), None
 
   steps = jnp.arange(g.shape[0] - 1, dtype=jnp.int32)

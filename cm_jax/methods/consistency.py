@@ -295,21 +295,15 @@ class ConsistencyDistillation(_Consistency):
         if tcfg.precond.get(key) != self.precond.get(key):
           problems.append(f"precond.{key} {tcfg.precond.get(key)!r} != student's "
                           f"{self.precond.get(key)!r} (the student starts from its weights)")
-    if float(self.cfg.get("teacher_guidance", 0.0) or 0.0):
-      from cm_jax.nets import null_class_index  # pylint: disable=g-import-not-at-top
-      if null_class_index(tcfg.model, tcfg.data.num_classes) is None:
-        problems.append("method.teacher_guidance needs a teacher trained with a null class "
-                        "(model.null_class=True, method.label_dropout > 0)")
+    problems += teachers.guidance_problems(tcfg,
+                                           float(self.cfg.get("teacher_guidance", 0.0) or 0.0))
     if problems:
       raise ValueError(f"CD teacher {wd!r} does not match the student: " + "; ".join(problems))
 
   def initial_params(self, params, teacher_params):
     """The teacher's weights (CM Sec. 6 / both references), if loaded and asked for; layers
     the teacher does not have (a new guidance-strength embedding) keep their fresh init."""
-    if teacher_params is None or not self.cfg.init_from_teacher:
-      return params
-    teacher = teacher_params["teacher"] if isinstance(teacher_params, dict) else teacher_params
-    return teachers.init_from(params, teacher)
+    return teachers.start_from_teacher(params, teacher_params, self.cfg.init_from_teacher)
 
   def teacher_denoiser(self, teacher):
     """D(x; sigma, cond) of the frozen teacher in eval mode: its own method's denoiser (EDM

@@ -180,9 +180,7 @@ class GuidedDistillation(WConditionedVP):
 
   def initial_params(self, params, teacher_params):
     """The teacher's weights with the w-embedding (`cond_emb`, zero-initialised) fresh."""
-    if teacher_params is None or not self.cfg.init_from_teacher:
-      return params
-    return teachers.init_from(params, teacher_params["teacher"])
+    return teachers.start_from_teacher(params, teacher_params, self.cfg.init_from_teacher)
 
   def guided_teacher_x(self, teacher, z, alpha, sigma, labels, w):
     """x_hat^w(z_t) = (1 + w) x_hat(z_t, c) - w x_hat(z_t, null): the teacher's own denoiser

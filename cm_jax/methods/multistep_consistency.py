@@ -243,20 +243,14 @@ class MultistepConsistency(VPDiffusion):
       else:
         # f is that network's x-prediction on that schedule: all of it must match.
         problems += teachers.vp_start_mismatches(tcfg, self.config)
-    if self.guidance:
-      from cm_jax.nets import null_class_index  # pylint: disable=g-import-not-at-top
-      if null_class_index(tcfg.model, tcfg.data.num_classes) is None:
-        problems.append("method.teacher_guidance needs a teacher trained with a null class "
-                        "(model.null_class=True, method.label_dropout > 0)")
+    problems += teachers.guidance_problems(tcfg, self.guidance)
     if problems:
       raise ValueError(f"multistep consistency teacher {wd!r} cannot be used: "
                        + "; ".join(problems))
 
   def initial_params(self, params, teacher_params):
     """The diffusion run's weights (Heek et al. initialise from the teacher)."""
-    if teacher_params is None or not self.cfg.init_from_teacher:
-      return params
-    return teachers.init_from(params, teacher_params["teacher"])
+    return teachers.start_from_teacher(params, teacher_params, self.cfg.init_from_teacher)
 
   def teacher_x(self, teacher, z, alpha, sigma, labels):
     """(x_teacher, x_cond): the teacher's x-prediction at z_t, guided with w when set, and
@@ -304,11 +298,9 @@ class MultistepConsistency(VPDiffusion):
     cond = cond_lib.Conditioning(labels=labels)
     k_t, k_eps, k_drop = jax.random.split(rng, 3)
     t_step, t, s, n_seg = self.draw_times(k_t, b, ctx.step)
-    a_t, s_t, logsnr_t = self.alpha_sigma(t, bshape)
+    z_t, logsnr_t, a_t, s_t = self.noised(x, t, k_eps)  # z_t = alpha_t x + sigma_t eps
     a_s, s_s, logsnr_s = self.alpha_sigma(s, bshape)
     a_0, s_0, _ = self.alpha_sigma(t_step, bshape)
-    eps = jax.random.normal(k_eps, x.shape, jnp.float32)
-    z_t = a_t * x + s_t * eps
 
     if self.distill:
       aux = ctx.teacher_params

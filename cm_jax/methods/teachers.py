@@ -153,6 +153,28 @@ def shared_params_mismatch(teacher, student) -> str:
   return ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
 
 
+def start_from_teacher(params, teacher_params, enabled: bool):
+  """A student's initial_params: `params` with every leaf the teacher also has taken from
+  it (`init_from`) when `enabled` and the teacher is loaded (teacher_params is None when only
+  shapes are traced); teacher_params is load_teacher()'s {'teacher': ...} or the weights."""
+  if teacher_params is None or not enabled:
+    return params
+  teacher = teacher_params["teacher"] if isinstance(teacher_params, dict) else teacher_params
+  return init_from(params, teacher)
+
+
+def guidance_problems(tcfg, guidance: float) -> list[str]:
+  """Why a teacher run cannot be guided with w = `guidance` (method.teacher_guidance), if
+  it cannot: guidance needs the null class that label dropout trains."""
+  if not guidance:
+    return []
+  from cm_jax.nets import null_class_index  # pylint: disable=g-import-not-at-top
+  if null_class_index(tcfg.model, tcfg.data.num_classes) is None:
+    return ["method.teacher_guidance needs a teacher trained with a null class "
+            "(model.null_class=True, method.label_dropout > 0)"]
+  return []
+
+
 def init_from(params, teacher):
   """`params` with every leaf the teacher also has replaced by the teacher's value."""
   t = _flat(teacher)

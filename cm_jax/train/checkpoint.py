@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 # the CD teacher and sample.py read runs without importing the trainer; re-exported here.
 from cm_jax.runs import (CHECKPOINT_SUBDIR, CHECKSUM_VERSION, ITEM_NAMES, checkpoint_dir,  # noqa: F401
                          config_from_json, describe_failure, is_remote, load_config,
+                         read_data_position,
                          read_newest_readable, verify_restored, with_default_sharding)
 from cm_jax.utils import checksums
 
@@ -94,7 +95,7 @@ class RunCheckpoints:
     def read(manager, s):
       restored = manager.restore(s, args=state_args)
       verify_restored(manager, s, restored.state, "", f"the train state of step {s}")
-      return restored.state, self._read_data_position(manager, s)
+      return restored.state, read_data_position(manager, s)
 
     restored, step = read_newest_readable(
         self.manager, self.workdir, step, read,
@@ -102,18 +103,6 @@ class RunCheckpoints:
     if not self.read_only:
       self.manager.reload()  # forget the steps moved aside
     return restored[0], restored[1], step
-
-  def _read_data_position(self, manager, step: int) -> dict:
-    """The data item of `step`, read on its own so that a damaged one is named by its file."""
-    try:
-      data = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-    except Exception as e:  # pylint: disable=broad-except  (Orbax: bare Exception, KeyError)
-      # The step directory is named by the warning around this; the file is named here.
-      raise ValueError(f"data position {step}/data/metadata: {describe_failure(e)}") from None
-    if not isinstance(data, dict):
-      raise ValueError(f"data position {step}/data/metadata holds {type(data).__name__}, "
-                       f"not a JSON object")
-    return data
 
   def _set_aside(self, step: int) -> str:
     """Moves checkpoint `step` out of the manager's directory; returns where it went."""

@@ -160,16 +160,19 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
   # A method with rounds keeps the checkpoint that ends each round (its finished student).
   ckpts = RunCheckpoints(workdir, max_to_keep=tcfg.keep_checkpoints,
                          keep_period=plan[1] if plan is not None else None)
-  if ckpts.latest_step() is not None:  # before the teacher is read or anything is built
+  # The config the run was started with, when resuming: checked before the teacher is read
+  # or anything is built.
+  resumed_config = load_config(workdir) if ckpts.latest_step() is not None else None
+  if resumed_config is not None:
     try:
-      resume_check.check_same_run(load_config(workdir), config, workdir)
+      resume_check.check_same_run(resumed_config, config, workdir)
     except ValueError:
       ckpts.close()
       raise
   if teacher_params is None and hasattr(parts.method, "load_teacher"):
     teacher_params = parts.method.load_teacher()  # refuses to start without its teacher
   saved_config = _with_teacher_identity(config, getattr(parts.method, "teacher_identity", None),
-                                        workdir, ckpts)
+                                        resumed_config)
   teacher_params = par.place_teacher(teacher_params)
   rng = jax.random.key(config.seed)
   init_rng = jax.random.fold_in(rng, 0x5EED)
@@ -274,14 +277,15 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
   return TrainResult(par.to_host(state), done, total, stopped_by)
 
 
-def _with_teacher_identity(config, identity, workdir, ckpts):
+def _with_teacher_identity(config, identity, resumed_config):
   """The config the checkpoints record: with the loaded teacher's identity (its step and a
   hash of its weights), after refusing, in one line, to resume a run against a teacher other
-  than the one it was trained with (teachers.check_same_teacher)."""
+  than the one it was trained with (teachers.check_same_teacher). `resumed_config` is the
+  run's saved config when it resumes, else None."""
   if not identity:
     return config
-  if ckpts.latest_step() is not None:
-    saved = load_config(workdir).method.get(teachers.IDENTITY_KEY)
+  if resumed_config is not None:
+    saved = resumed_config.method.get(teachers.IDENTITY_KEY)
     teachers.check_same_teacher(saved, identity,
                                 bool(config.method.get(teachers.OVERRIDE_KEY, False)))
   recorded = config.copy_and_resolve_references()
