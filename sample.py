@@ -1,6 +1,8 @@
 """Samples from a trained run into `.npz` (arr_0 uint8 NHWC, arr_1 labels) and a PNG grid.
 
   python sample.py --workdir runs/digits_edm --num 1000 --steps 18 --seed 0 --out samples.npz
+  python sample.py --pretrained /path/to/stable-diffusion-v1-5 --prompt "a red cat" \
+      --guidance 6.5 --sampler dpmpp_2m --steps 25 --num 4 --out cats.npz
 
 Image i depends only on (--seed, i): the same whatever --batch_size or device count.
 """
@@ -17,6 +19,13 @@ from cm_jax.train import builders, parallel
 from cm_jax.utils.images import save_grid_png, save_samples_npz
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by train.py")
+_PRETRAINED = flags.DEFINE_string(
+    "pretrained", None, "a diffusers text-to-image folder (Stable Diffusion layout: unet/, "
+    "vae/, text_encoder/, tokenizer/, scheduler/) to sample directly, instead of --workdir")
+_PROMPT = flags.DEFINE_string("prompt", None, "text-to-image runs: the prompt (default: the "
+                              "digits run's class captions, else the empty prompt)")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "text-to-image runs: the prompt "
+                                "guidance steers away from (default: the empty prompt)")
 _NUM = flags.DEFINE_integer("num", 64, "number of images")
 _STEPS = flags.DEFINE_integer("steps", None, "sampler grid points (default: the config's)")
 _SEED = flags.DEFINE_integer("seed", 0, "base seed; image i uses fold_in(seed, i)")
@@ -56,9 +65,19 @@ def main(argv):
     sys.exit(f"sample.py: {e}")
 
 
+def _pretrained_config(folder):
+  """The config of a diffusers folder (configs/sd15_ldm.py from_folder), or RequestError."""
+  from configs import sd15_ldm  # pylint: disable=g-import-not-at-top
+  try:
+    return sd15_ldm.from_folder(folder)
+  except (ValueError, FileNotFoundError) as e:
+    raise sample_request.RequestError(str(e)) from None
+
+
 def _sample():
-  if not _WORKDIR.value:
-    raise sample_request.RequestError("--workdir is required")
+  if bool(_WORKDIR.value) == bool(_PRETRAINED.value):
+    raise sample_request.RequestError("give one of --workdir (a cm_jax run) and --pretrained "
+                                      "(a diffusers folder)")
   if not _OUT.value.endswith(".npz"):  # the PNG grid goes beside it: never over it
     raise sample_request.RequestError(
         f"--out must be a .npz file (the grid is written beside it as .png, or to --grid), "
@@ -66,11 +85,17 @@ def _sample():
   # Checked before anything is loaded or compiled.
   sample_request.check_counts(num=_NUM.value, steps=_STEPS.value, batch_size=_BATCH.value,
                               grid_points=_GRID_POINTS.value)
+  if _PRETRAINED.value:
+    config = _pretrained_config(_PRETRAINED.value)
+  else:
+    try:
+      config = runs.load_config(_WORKDIR.value, _STEP.value)
+    except FileNotFoundError as e:
+      raise sample_request.RequestError(str(e)) from None
   try:
-    config = runs.load_config(_WORKDIR.value, _STEP.value)
-  except FileNotFoundError as e:
+    parts = builders.build_parts(config)
+  except (ValueError, FileNotFoundError) as e:
     raise sample_request.RequestError(str(e)) from None
-  parts = builders.build_parts(config)
   num_classes = config.data.num_classes
   sample_request.check_class_label(_CLASS.value, num_classes)
   edit_job = None
@@ -89,8 +114,13 @@ def _sample():
   plan = sample_request.plan_sampling(
       config, parts.method, steps=_STEPS.value, ts=_TS.value, grid_points=_GRID_POINTS.value,
       sampler=_SAMPLER.value, guidance=_GUIDANCE.value)
-  run = sample_request.read_weights(config, _WORKDIR.value, _PARAMS.value, plan.num_steps,
-                                    _STEP.value)
+  plan.options.update(sample_request.prompt_options(parts.method, _PROMPT.value,
+                                                    _NEGATIVE.value))
+  if _PRETRAINED.value:
+    run = sample_request.read_pretrained(_PRETRAINED.value)
+  else:
+    run = sample_request.read_weights(config, _WORKDIR.value, _PARAMS.value, plan.num_steps,
+                                      _STEP.value)
   if plan.warning:
     print(f"sample.py: warning: {plan.warning}", file=sys.stderr)
   try:

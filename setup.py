@@ -26,6 +26,12 @@ setup(
         "tqdm>=4.66,<5",
         # FID's matrix square root (scipy.linalg.sqrtm, as the reference evaluators use).
         "scipy>=1.11,<2",
+        # Stable Diffusion folders: CLIP's BPE tokenizer (transformers' CLIPTokenizer, backed
+        # by the tokenizers library; no torch) and the .safetensors weights, read with
+        # safetensors' numpy API. Writing our own BPE or safetensors reader would only
+        # re-implement what these maintained libraries do.
+        "transformers>=4.46,<6",
+        "safetensors>=0.4,<1",
     ],
     extras_require={
         # Import of released PyTorch checkpoints, export to safetensors / diffusers,

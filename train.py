@@ -23,7 +23,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cm_jax.cli.flag_errors import parse_flags_or_exit
-from cm_jax.train import builders, checkpoint, distributed, fit, loop
+import jax
+import jax.numpy as jnp
+
+from cm_jax.train import builders, checkpoint, distributed, fit, loop, parallel
 from cm_jax.train import workdir as workdir_lib
 from cm_jax.train.state import count_params, tree_bytes
 
@@ -52,6 +55,28 @@ def dry_run(config) -> None:
   print(f"train state memory: {gib:.2f} GiB (params, optimizer moments, "
         f"{len(state.ema)} EMA, {'a' if state.target_params is not None else 'no'} target); "
         f"activations come on top and grow with batch size")
+  frozen_shapes = getattr(parts.method, "abstract_frozen", None)
+  frozen = frozen_shapes() if frozen_shapes is not None else {}
+  for name, tree in frozen.items():
+    print(f"frozen {name} params: {count_params(tree)}")
+  fsdp = int(config.mesh.get("fsdp", 1) or 1)
+  if fsdp > 1:
+    min_size = config.mesh.get("fsdp_min_size", parallel.DEFAULT_FSDP_MIN_SIZE)
+    per_device = sum(_bytes_per_device(t, fsdp, min_size) for t in [state, *frozen.values()])
+    print(f"per device under FSDP over {fsdp} devices: {per_device / 2**30:.2f} GiB of train "
+          f"state and frozen networks (compute dtype {config.model.get('dtype', 'float32')}; "
+          f"weights and optimizer state stay float32), plus activations")
+
+
+def _bytes_per_device(tree, fsdp: int, min_size: int) -> int:
+  """Bytes one device holds of `tree` when each array is sharded by the FSDP rule
+  (cm_jax.train.parallel.fsdp_spec: split along one dimension, or replicated)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    nbytes = x.size * jnp.dtype(x.dtype).itemsize
+    sharded = any(a is not None for a in parallel.fsdp_spec(x.shape, fsdp, min_size))
+    total += nbytes // fsdp if sharded else nbytes
+  return total
 
 
 def main(argv):

@@ -30,6 +30,16 @@ and 64x64 configs use batch 2, 2 timed steps and a 2-step sampler there
 (--batch / --steps / --sample_steps override). A config written `spec@N`
 (configs/digits_edm.py@20) times N train steps instead of --steps.
 
+Latent configs: configs/digits32_vae.py (the KL autoencoder: its train step, the eval-mode
+reconstruction as the forward, decoded prior samples as the sampler) and configs/digits32_ldm.py
+(the text-conditioned latent UNet: the step encodes the images with the frozen autoencoder and
+the captions with the frozen text encoder; the batch gets token ids of the digit captions; the
+sampler is DDIM in latent space plus the decoder). The latent model reads the trained
+autoencoder at method.vae_workdir (runs/digits32_vae): without that run it is skipped with a
+one-line note (a `skipped` row, not an error).
+
+  python benchmarks/throughput.py --configs configs/digits32_vae.py configs/digits32_ldm.py
+
 Distillation configs (CD, guided and progressive distillation) time the step with a
 freshly initialised teacher of the student's network: random weights, for speed only (no
 teacher run is read).
@@ -79,7 +89,8 @@ ROOT = os.environ.get("CM_JAX_BENCH_ROOT") or os.path.dirname(os.path.dirname(
 THIS_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM_TEACHER = "random init (timing only)"
 DEFAULT_CONFIGS = ("configs/digits_edm.py:tiny", "configs/digits_edm.py",
-                   "configs/cifar10_edm.py", "configs/imagenet64_edm.py")
+                   "configs/cifar10_edm.py", "configs/imagenet64_edm.py",
+                   "configs/digits32_vae.py", "configs/digits32_ldm.py")
 CPU_BIG_BATCH = 2          # 32x32 and larger on a CPU
 CPU_STEPS, ACCEL_STEPS = 2, 10
 CPU_BIG_SAMPLE_STEPS = 2   # Heun with 2 grid points: NFE 3
@@ -169,6 +180,35 @@ def random_teacher(parts, config, rng):
   return method.load_teacher(), RANDOM_TEACHER
 
 
+def latent_run_missing(method) -> str | None:
+  """Why a latent method cannot be timed here (the trained autoencoder it reads from
+  method.vae_workdir is not there, or does not match), else None: its frozen autoencoder
+  and text encoder are read now, before anything is compiled."""
+  from cm_jax.methods.latent_parts import LatentParts
+  parts = getattr(method, "parts", None)
+  if not isinstance(parts, LatentParts):
+    return None
+  try:
+    parts.params  # pylint: disable=pointless-statement
+  except (FileNotFoundError, ValueError) as e:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return None
+
+
+def text_batch(method, labels):
+  """Token ids (B, 77) for a text-conditioned method's synthetic batch: the class captions
+  of the labels where the method has them (digits), else the empty prompt; None for a
+  method without text."""
+  import numpy as np
+  if not hasattr(method, "empty_prompt_ids"):
+    return None
+  by_class = getattr(method, "class_prompt_ids", None)
+  if by_class is not None:
+    return np.asarray(by_class, np.int32)[labels]
+  empty = np.asarray(method.empty_prompt_ids, np.int32)
+  return np.broadcast_to(empty, (len(labels), empty.shape[-1])).copy()
+
+
 def teacher_forwards(method, config) -> int:
   """Eval-mode network forwards at the train batch that one step spends besides the
   student's forward/backward: CD one (Euler) or two (Heun) teacher evaluations (doubled
@@ -220,6 +260,7 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
   import jax.numpy as jnp
   import numpy as np
   from cm_jax import sampling
+  from cm_jax.nets import init_inputs as nets_init_inputs
   from cm_jax.train import builders, parallel
   from cm_jax.train.state import count_params
   from cm_jax.train.step import make_train_step
@@ -237,6 +278,9 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
   accum = int(config.training.get("grad_accum_steps", 1) or 1)
   config.parallel = "jit"  # the benchmark reads XLA's cost analysis of the jit program
   parts = builders.build_parts(config)
+  missing = latent_run_missing(parts.method)
+  if missing:
+    return dict(config=spec, batch=batch, skipped=missing)
   par = parallel.build_parallel(config)
   ways = par.batch_divisor()
   parallel.check_batch_size(batch, ways, accum)
@@ -251,6 +295,9 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
   local = {"image": rs.uniform(-1, 1, (batch, h, h, c)).astype(np.float32),
            "label": rs.randint(0, max(config.data.num_classes, 1), (batch,)).astype(np.int32),
            parallel.PREEMPT_KEY: np.zeros((batch,), np.int32)}
+  ids = text_batch(parts.method, local["label"])
+  if ids is not None:
+    local["input_ids"] = ids
   gbatch = par.batch(local)
   rng = jax.random.key(0)
   step = par.compile(make_train_step(parts.method, parts.optimizer, config.ema, batch,
@@ -270,8 +317,9 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
 
   # One eval-mode forward of the network at the train batch: the unit in which a
   # distillation step's teacher evaluations are counted (--baseline's bound).
-  fwd_inputs = builders.example_inputs(parts, config, batch)
-  fwd = jax.jit(lambda p, *a: parts.net.apply({"params": p}, *a, train=False))
+  # init_inputs: also the text context of the latent UNet, the image alone of the autoencoder.
+  fwd_inputs, fwd_kwargs = nets_init_inputs(config, parts.image_shape, batch)
+  fwd = jax.jit(lambda p, *a: parts.net.apply({"params": p}, *a, **fwd_kwargs))
   params_rep = jax.device_put(state.params, parallel.replicated(par.mesh))
   jax.block_until_ready(fwd(params_rep, *fwd_inputs))
   t0 = time.perf_counter()
@@ -301,7 +349,11 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
     sb = max(ways, sb - sb % ways)
     fn = sampling.make_sample_fn(parts.method, parts.image_shape, config.data.num_classes,
                                  sample_steps, mesh=par.mesh)
-    params = jax.device_put(state.params, parallel.replicated(par.mesh))
+    params = state.params
+    prepare = getattr(parts.method, "sampling_params", None)
+    if prepare is not None:  # a latent method samples with its frozen networks beside the UNet
+      params = prepare(params)
+    params = jax.device_put(params, parallel.replicated(par.mesh))
     indices = jnp.arange(sb, dtype=jnp.int32)
     t0 = time.perf_counter()
     sample_compiled = fn.lower(params, indices, 0).compile()
@@ -311,11 +363,14 @@ def bench_one(spec: str, overrides: list[str], batch: int | None, steps: int | N
     jax.block_until_ready(sample_compiled(params, indices, 1))
     sample_time = time.perf_counter() - t0
     from cm_jax.diffusion.samplers import sampler_nfe
+    sampler = config.sample.sampler
     try:
-      nfe = sampler_nfe(config.sample.sampler, sample_steps)
+      nfe = sampler_nfe(sampler, sample_steps)
     except Exception:  # pylint: disable=broad-except  # non-EDM samplers count differently
       nfe = sample_steps
-    result.update(sampler=config.sample.sampler, sample_steps=sample_steps, sample_nfe=nfe,
+    if parts.method.name == "autoencoder_kl":  # its "sample" is one decode of prior latents
+      sampler, nfe = "decode", 1
+    result.update(sampler=sampler, sample_steps=sample_steps, sample_nfe=nfe,
                   sample_batch=sb, sample_img_s=sb / sample_time,
                   sample_compile_s=sample_compile)
 
@@ -328,10 +383,16 @@ def format_table(rows: list[dict]) -> str:
   head = ("config", "params", "batch", "train img/s", "step ms", "compile s", "TFLOP/s",
           "sample img/s", "NFE", "s-compile s", "peak mem")
   lines = [head]
+  skipped = []
   for r in rows:
     if "error" in r:
       lines.append((r["config"], "-", str(r.get("batch", "-")), "error: " + r["error"][:60]) +
                    ("",) * (len(head) - 4))
+      continue
+    if "skipped" in r:  # the reason goes under the table: it is a sentence
+      lines.append((r["config"].replace("configs/", ""), "-", str(r.get("batch", "-")),
+                    "skipped") + ("",) * (len(head) - 4))
+      skipped.append(f"{r['config']} skipped: {r['skipped']}")
       continue
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']})"
     lines.append((
@@ -343,7 +404,7 @@ def format_table(rows: list[dict]) -> str:
   widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
   out = [" | ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in lines]
   out.insert(1, "-+-".join("-" * w for w in widths))
-  return "\n".join(out)
+  return "\n".join(out + skipped)
 
 
 def format_saving(rows: list[dict]) -> str:
@@ -365,13 +426,13 @@ def format_cost_ratios(rows: list[dict], baseline: str) -> str:
   ratio and the bound (baseline step + teacher forwards x this config's forward time) /
   baseline step, i.e. 'teacher evaluations + one student forward/backward'."""
   baseline = split_spec(baseline, None)[0]
-  base = next((r for r in rows if r["config"] == baseline and "error" not in r), None)
+  base = next((r for r in rows if r["config"] == baseline and "train_step_s" in r), None)
   if base is None:
     return f"(no successful row for --baseline {baseline})"
   lines = ["| config | step ms | forward ms | frozen forwards | ratio to baseline | bound | "
            "within |", "|---|---|---|---|---|---|---|"]
   for r in rows:
-    if "error" in r:
+    if "train_step_s" not in r:  # an error or a skipped config
       continue
     ratio = r["train_step_s"] / base["train_step_s"]
     bound = (base["train_step_s"] + r["teacher_forwards"] * r["forward_s"]) / base["train_step_s"]
@@ -465,7 +526,7 @@ def compare_summary(spec: str, ref_runs: list[dict], new_runs: list[dict], note:
     out[name] = dict(ref=ref, new=new, ratio=new / ref if ref == ref and ref else float("nan"))
   spreads = []
   for runs in (ref_runs, new_runs):
-    steps = [r["train_step_s"] for r in runs if "error" not in r]
+    steps = [r["train_step_s"] for r in runs if "train_step_s" in r]
     if len(steps) > 1:
       spreads.append(max(steps) / min(steps) - 1)
   out["noise"] = max(spreads) if spreads else float("nan")
@@ -518,8 +579,9 @@ def compare(configs: list[str], args, overrides: list[str]) -> list[dict]:
           if ref_fallback:
             row = run_one(spec, args, overrides, tree=ref_tree, bench_root=ref_tree)
           ref_runs.append(row)
-        if "error" in row:
-          print(f"  error: {row['error']}", file=sys.stderr)
+        if "error" in row or "skipped" in row:
+          print(f"  {'error' if 'error' in row else 'skipped'}: "
+                f"{row.get('error', row.get('skipped'))}", file=sys.stderr)
         else:
           print(f"  step {row['train_step_s'] * 1e3:.1f} ms, sample "
                 f"{row.get('sample_img_s', float('nan')):.1f} img/s, compile "

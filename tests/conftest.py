@@ -32,3 +32,24 @@ def tiny_vp_run(tmp_path_factory):
 # once per machine (deterministic recipe) and nothing is written to ~/.cache.
 os.environ.setdefault("CM_JAX_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "cm_jax_test_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+  """A tiny random-weight Stable Diffusion pipeline folder (tests/sd_tiny.py), built once."""
+  import sd_tiny  # pylint: disable=g-import-not-at-top
+  return sd_tiny.make_tiny_sd_folder(tmp_path_factory.mktemp("sd") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_runs(tmp_path_factory):
+  """The tiny digits32 autoencoder and the tiny latent diffusion teacher trained on it:
+  (vae_workdir, ldm_config, ldm_workdir)."""
+  from configs import digits32_ldm, digits32_vae  # pylint: disable=g-import-not-at-top
+  vae_dir = str(tmp_path_factory.mktemp("tiny_vae_run"))
+  loop.train(digits32_vae.get_config("tiny"), vae_dir, progress=False)
+  config = digits32_ldm.get_config("tiny")
+  config.method.vae_workdir = vae_dir
+  ldm_dir = str(tmp_path_factory.mktemp("tiny_ldm_run"))
+  loop.train(config, ldm_dir, progress=False)
+  return vae_dir, config, ldm_dir

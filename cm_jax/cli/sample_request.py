@@ -112,3 +112,36 @@ def read_weights(config, workdir: str, which: Optional[str], num_steps: int,
     return runs.load_run(workdir, which or config.sample.params, ckpt_step)
   except (ValueError, FileNotFoundError) as e:
     raise RequestError(str(e)) from None
+
+
+def prompt_options(method, prompt: Optional[str],
+                   negative_prompt: Optional[str]) -> dict:
+  """{'prompt_ids': (1, L), 'negative_prompt_ids': (1, L)} token ids for a text-to-image
+  run (a prompt longer than the tokenizer's 77 tokens is truncated with one warning line,
+  as diffusers does), {} when neither flag is given; RequestError for a run without text."""
+  if prompt is None and negative_prompt is None:
+    return {}
+  if getattr(method, "name", None) != "ldm":
+    raise RequestError(f"--prompt / --negative_prompt apply to text-to-image runs (latent "
+                       f"diffusion); this run's method is {getattr(method, 'name', '?')!r}")
+  try:
+    options = {}
+    if prompt is not None:
+      options["prompt_ids"] = method.parts.tokenize([prompt])
+    if negative_prompt is not None:
+      options["negative_prompt_ids"] = method.parts.tokenize([negative_prompt])
+    return options
+  except (ValueError, FileNotFoundError) as e:
+    raise RequestError(str(e)) from None
+
+
+def read_pretrained(folder: str):
+  """The UNet weights of a diffusers folder as a cm_jax.runs.Run, or RequestError."""
+  # pylint: disable-next=g-import-not-at-top
+  from cm_jax import runs
+  from cm_jax.nets import sd_folder
+  try:
+    unet = sd_folder.load_sd_folder(folder, components=("unet",)).unet_params
+  except (ValueError, FileNotFoundError) as e:
+    raise RequestError(str(e)) from None
+  return runs.Run(config=None, params=unet, step=0, which="pretrained", kind="imported")

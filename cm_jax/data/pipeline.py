@@ -50,12 +50,19 @@ to_uint8 = images_lib.to_uint8
 
 
 class FinalizeBatch(grain.transforms.Map):
+  """Model-ready arrays: images in [-1, 1], int32 labels and caption token ids, float32
+  latents (a latent cache); anything else a source carries (caption strings) is dropped."""
 
   def map(self, batch):
-    return {
-        "image": to_model_range(batch["image"]),
-        "label": np.asarray(batch["label"], np.int32),
-    }
+    out = {}
+    if "image" in batch:
+      out["image"] = to_model_range(batch["image"])
+    if "latent" in batch:
+      out["latent"] = np.asarray(batch["latent"], np.float32)
+    for key in ("label", "input_ids"):
+      if key in batch:
+        out[key] = np.asarray(batch[key], np.int32)
+    return out
 
 
 def _seeds(seed: int, process_index: int) -> tuple[int, int]:

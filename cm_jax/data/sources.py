@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-NAMES = ("digits", "tfds", "npz", "folder")
+NAMES = ("digits", "tfds", "npz", "folder", "caption_folder", "webdataset", "tfds_captions",
+         "digits_captions", "latent_cache")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 DIGITS_NATIVE_SIZE = 8
 
@@ -462,8 +463,50 @@ def tfds_info(cfg) -> DatasetInfo:
 # Dispatch.
 # ----------------------------------------------------------------------------
 
-_SOURCES = {"digits": digits_source, "tfds": tfds_source, "npz": npz_source, "folder": folder_source}
-_INFOS = {"digits": digits_info, "tfds": tfds_info, "npz": npz_info, "folder": folder_info}
+def _tokenize_fn(cfg):
+  """data.tokenizer: '' (captions are not tokenized), 'digits' (the built-in tokenizer of
+  the digits captions) or a tokenizer folder (a diffusers pipeline's tokenizer/): the
+  captions are tokenized once, as the text-to-image methods read them (input_ids)."""
+  name = cfg_get(cfg, "tokenizer", "")
+  if not name:
+    return None
+  from cm_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  tok = (text_tokenizer.builtin_tokenizer(name) if name in text_tokenizer.BUILTIN
+         else text_tokenizer.load_tokenizer(name))
+  return lambda captions: text_tokenizer.tokenize(tok, list(captions))
+
+
+def caption_source(cfg):
+  from cm_jax.data import captions  # pylint: disable=g-import-not-at-top
+  return captions.make_caption_source(cfg, tokenize=_tokenize_fn(cfg))
+
+
+def caption_info(cfg) -> DatasetInfo:
+  source = caption_source(cfg)
+  labelled = cfg_get(cfg, "name") == "digits_captions"
+  return DatasetInfo(image_size=int(source.image_size), channels=3,
+                     num_classes=10 if labelled else 0, num_examples=len(source))
+
+
+def latent_cache_source(cfg):
+  """A latent cache (cm_jax.data.latent_cache) of data.image_size images."""
+  from cm_jax.data import latent_cache  # pylint: disable=g-import-not-at-top
+  return latent_cache.LatentCacheSource(_require_path(cfg, "a latent cache directory"),
+                                        expected_resolution=image_size_or(cfg, None))
+
+
+def latent_cache_info(cfg) -> DatasetInfo:
+  source = latent_cache_source(cfg)
+  return DatasetInfo(image_size=source.resolution, channels=int(cfg_get(cfg, "channels", 3)),
+                     num_classes=int(source.meta.get("num_classes", 0)),
+                     num_examples=len(source))
+
+
+_CAPTION_NAMES = ("caption_folder", "webdataset", "tfds_captions", "digits_captions")
+_SOURCES = {"digits": digits_source, "tfds": tfds_source, "npz": npz_source, "folder": folder_source,
+            "latent_cache": latent_cache_source, **{n: caption_source for n in _CAPTION_NAMES}}
+_INFOS = {"digits": digits_info, "tfds": tfds_info, "npz": npz_info, "folder": folder_info,
+          "latent_cache": latent_cache_info, **{n: caption_info for n in _CAPTION_NAMES}}
 
 
 def make_source(cfg):

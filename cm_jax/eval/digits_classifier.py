@@ -115,10 +115,23 @@ def to_input(images) -> jax.Array:
   return x
 
 
+def to_digits_resolution(x: jax.Array) -> jax.Array:
+  """(B, 8k, 8k, C) -> (B, 8, 8, C) by k x k block means: the inverse of the upscaling of
+  the digits32 latent models' data (cm_jax.data.captions.DigitsCaptionSource), so their
+  decoded samples are scored by the same 8x8 classifier as the pixel models."""
+  size = x.shape[1]
+  if x.shape[2] != size or size % IMAGE_SIZE:
+    raise ValueError(f"the digits classifier reads square images whose side is a multiple "
+                     f"of 8, got {tuple(x.shape)}")
+  k = size // IMAGE_SIZE
+  return x.reshape(x.shape[0], IMAGE_SIZE, k, IMAGE_SIZE, k, x.shape[-1]).mean(axis=(2, 4))
+
+
 def detector_apply(params, images) -> dict:
-  if tuple(images.shape[1:3]) != (IMAGE_SIZE, IMAGE_SIZE):
-    raise ValueError(f"the digits classifier reads 8x8 images, got {images.shape}")
-  features, logits = _model().apply({"params": params}, to_input(images))
+  x = to_input(images)  # float [-1, 1], grey
+  if tuple(x.shape[1:3]) != (IMAGE_SIZE, IMAGE_SIZE):
+    x = to_digits_resolution(x)
+  features, logits = _model().apply({"params": params}, x)
   return {"features": features, "logits": logits}
 
 

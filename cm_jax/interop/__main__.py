@@ -87,6 +87,9 @@ def _export(args) -> None:
   params, config, step, which = runs.load_run_params(args.workdir, args.params, args.step)
   if args.format == "safetensors":
     out = export_safetensors.save(args.out, params, config, which, extra={"step": int(step)})
+  elif args.format == "diffusers" and config.method.name == "ldm":
+    from cm_jax.interop import export_sd  # pylint: disable=g-import-not-at-top
+    out = export_sd.save(args.out, params, config)
   elif args.format == "diffusers":
     out = export_diffusers.save(args.out, params, config, which)
   else:

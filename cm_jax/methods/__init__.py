@@ -1,10 +1,12 @@
 """One module per paper; `build_method` picks one by `config.method.name`."""
 from __future__ import annotations
 
+from cm_jax.methods.autoencoder import AutoencoderKLTraining
 from cm_jax.methods.consistency import (ConsistencyDistillation, ConsistencyTraining,
                                         ImprovedConsistencyTraining)
 from cm_jax.methods.edm import EDM
 from cm_jax.methods.guided_distillation import GuidedDistillation
+from cm_jax.methods.latent_diffusion import LatentDiffusion
 from cm_jax.methods.multistep_consistency import (MultistepConsistency,
                                                   MultistepConsistencyTraining)
 from cm_jax.methods.olss import OLSS
@@ -22,6 +24,8 @@ METHODS = {
     "mcm_cd": MultistepConsistency,
     "mcm_ct": MultistepConsistencyTraining,
     "olss": OLSS,
+    "autoencoder_kl": AutoencoderKLTraining,
+    "ldm": LatentDiffusion,
 }
 
 

@@ -16,6 +16,7 @@ from cm_jax import runs
 from cm_jax.methods import build_method, network_input_shape
 from cm_jax.nets import build_network
 from cm_jax.nets import example_inputs as nets_example_inputs
+from cm_jax.nets import init_inputs as nets_init_inputs
 from cm_jax.train import ema as ema_lib
 from cm_jax.train import rounds
 from cm_jax.train.optim import build_optimizer
@@ -53,7 +54,8 @@ def example_inputs(parts: RunParts, config, batch: int = 1):
 
 
 def init_params(parts: RunParts, config, rng: jax.Array):
-  return parts.net.init({"params": rng}, *example_inputs(parts, config), train=False)["params"]
+  args, kwargs = nets_init_inputs(config, parts.image_shape)
+  return parts.net.init({"params": rng}, *args, **kwargs)["params"]
 
 
 def new_train_state(parts: RunParts, config, rng: jax.Array, teacher_params=None) -> TrainState:
