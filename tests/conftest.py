@@ -50,6 +50,7 @@ def tiny_latent_runs(tmp_path_factory):
   loop.train(digits32_vae.get_config("tiny"), vae_dir, progress=False)
   config = digits32_ldm.get_config("tiny")
   config.method.vae_workdir = vae_dir
+  config.training.sample_every = 4  # the loop's PNG grid decodes through the frozen parts
   ldm_dir = str(tmp_path_factory.mktemp("tiny_ldm_run"))
   loop.train(config, ldm_dir, progress=False)
   return vae_dir, config, ldm_dir

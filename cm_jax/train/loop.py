@@ -330,6 +330,9 @@ def _grid_writer(parts, config, mesh):
 
   def write(state, path):
     params = builders.params_for_sampling(state, scfg.params, config.ema)
+    prepare = getattr(parts.method, "sampling_params", None)
+    if prepare is not None:  # e.g. a latent model: its frozen autoencoder and text encoder
+      params = prepare(params)
     params = jax.device_put(params, parallel.replicated(mesh))  # FSDP shards -> whole copies
     images, _ = sample_fn(params, indices, config.seed)
     images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
