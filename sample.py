@@ -137,7 +137,8 @@ def _sample():
   save_samples_npz(_OUT.value, images, labels)
   grid = _GRID.value or os.path.splitext(_OUT.value)[0] + ".png"
   save_grid_png(images[:_GRID_MAX.value], grid)
-  print(f"wrote {len(images)} images from step {run.step} ({plan.sampler}, {plan.num_steps} "
+  source = _PRETRAINED.value or f"step {run.step}"
+  print(f"wrote {len(images)} images from {source} ({plan.sampler}, {plan.num_steps} "
         f"steps) to {_OUT.value} and {grid}")
 
 

@@ -44,13 +44,13 @@ regions waits for its descheduled threads, and the PyTorch side slows down by on
 orders of magnitude (XLA's thread pool degrades far less), which measures the sharing, not
 the frameworks.
 
-  python benchmarks/sd_vs_diffusers.py --threads 1 --attention bhld
+  python benchmarks/sd_vs_diffusers.py --threads 1
 
---attention bhld is an experiment on the cm_jax side: `bhld_attend` (the attention in
-(B * heads, L, head_dim) layout, normalised after the PV product, one (batch, head) slice
-at a time when the logits are large) is patched into cm_jax.nets.sd_unet for this process
-only; the max diff column still checks it against diffusers. --budget_s caps the time spent
-repeating one measurement (two calls at least).
+cm_jax's attention on CPU is `cm_jax.nets.attention._heads_first` (heads ahead of tokens,
+normalised after the PV product, sliced when large): with jax.nn.dot_product_attention's
+XLA path, which lays the products out (batch, tokens, heads, width), the small UNet ran at
+0.95x diffusers' throughput (one thread), with this path at 1.2x (measured when it was
+introduced). --budget_s caps the time spent repeating one measurement (two calls at least).
 """
 from __future__ import annotations
 
@@ -154,52 +154,6 @@ def interleaved(fns: dict, repeats: int, budget_s: float) -> dict:
       fn()
       times[k].append(time.perf_counter() - t0)
   return times
-
-
-# Above this many float32 logits (16 MiB) bhld_attend loops over the batch x heads slices,
-# so each slice's (L, L_k) logits stay in cache rather than streaming through memory.
-_BHLD_LOOP_LOGITS = 1 << 22
-
-
-def bhld_attend(q, k, v, mask=None):
-  """softmax(q k^T / sqrt(d)) v for --attention bhld: q, k, v moved to (B * heads, L,
-  head_dim) first, the softmax's division done after the PV product (on L x head_dim
-  numbers, not L x L), and, when the logits are large, one (batch, head) slice at a time
-  (lax.map). On XLA's CPU backend the (B, L, heads, head_dim) einsums of
-  jax.nn.dot_product_attention's XLA path are several times slower at SD's shapes."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  if mask is not None:
-    return _LIBRARY_ATTEND(q, k, v, mask)
-  b, length, heads, d = q.shape
-  dtype = q.dtype
-  q, k, v = (a.transpose(0, 2, 1, 3).reshape(b * heads, a.shape[1], d) for a in (q, k, v))
-
-  def attend(q, k, v):  # (n, L, d), (n, Lk, d), (n, Lk, d)
-    logits = jnp.einsum("nqd,nkd->nqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (d ** -0.5)
-    # exp(logits - row max) in float32, as a softmax computes it; normalised after PV.
-    p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("nqk,nkd->nqd", p.astype(dtype), v, preferred_element_type=jnp.float32)
-    return out / p.sum(axis=-1)[..., None]
-
-  if b * heads * length * k.shape[1] > _BHLD_LOOP_LOGITS:
-    out = jax.lax.map(lambda a: attend(*(x[None] for x in a))[0], (q, k, v))
-  else:
-    out = attend(q, k, v)
-  return out.astype(dtype).reshape(b, heads, length, d).transpose(0, 2, 1, 3)
-
-
-_LIBRARY_ATTEND = None
-
-
-def use_attention(kind: str) -> None:
-  """--attention: 'library' (cm_jax.nets.sd_unet.attend as it is) or 'bhld' (bhld_attend
-  patched in for this process: an experiment, not a change to cm_jax)."""
-  global _LIBRARY_ATTEND  # pylint: disable=global-statement
-  from cm_jax.nets import sd_unet  # pylint: disable=g-import-not-at-top
-  _LIBRARY_ATTEND = _LIBRARY_ATTEND or sd_unet.attend
-  sd_unet.attend = bhld_attend if kind == "bhld" else _LIBRARY_ATTEND
 
 
 def timed_first(fn) -> tuple[float, object]:
@@ -340,9 +294,6 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per side")
   parser.add_argument("--budget_s", type=float, default=60.0,
                       help="stop repeating a measurement (after two calls) past this many seconds")
-  parser.add_argument("--attention", choices=("library", "bhld"), default="library",
-                      help="cm_jax's UNet attention: as the library has it, or the experiment "
-                           "bhld_attend (heads-major, sliced) patched in for this run")
   parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
   parser.add_argument("--guidance", type=float, default=3.0,
                       help="cm_jax's w (diffusers guidance_scale = 1 + w)")
@@ -358,7 +309,6 @@ def main(argv=None):
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers.utils import logging as dlog  # pylint: disable=g-import-not-at-top
   dlog.set_verbosity_error()
-  use_attention(args.attention)
   load_before = os.getloadavg()
   t_start = time.perf_counter()
   rows = []
@@ -366,17 +316,17 @@ def main(argv=None):
     for name in args.configs:
       print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
       batch = args.batch or DEFAULT_BATCH[name]
-      rows += [summarize(dict(r, attention=args.attention))
+      rows += [summarize(r)
                for r in bench_config(name, workdir, batch, args.repeats, args.steps,
                                      args.guidance, args.budget_s, args.unet_only)]
   meta = dict(setting, jax=jax.__version__, torch=torch.__version__,
               diffusers=diffusers.__version__, backend=jax.default_backend(),
               load_average_before=load_before, load_average_after=os.getloadavg(),
               wall_s=time.perf_counter() - t_start, prompt=PROMPT, guidance_w=args.guidance,
-              steps=args.steps, attention=args.attention)
+              steps=args.steps)
   print(f"threads: {setting['threads']} (torch.set_num_threads; XLA on CPUs {setting['cpus']}), "
         f"float32, jax {meta['jax']} / torch {meta['torch']} / diffusers {meta['diffusers']}; "
-        f"cm_jax attention: {args.attention}; median of `calls` interleaved calls; load average "
+        f"median of `calls` interleaved calls; load average "
         f"{load_before[0]:.2f} before, {meta['load_average_after'][0]:.2f} after; "
         f"wall {meta['wall_s']:.0f} s")
   print(format_table(rows))

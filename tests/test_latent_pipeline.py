@@ -156,7 +156,7 @@ def test_latent_cache_trains_and_is_checked_against_the_autoencoder(ldm, tmp_pat
   stale.method.text_encoder_seed = 1  # other frozen weights -> another identity
   with pytest.raises(ValueError) as err:
     builders.build_parts(stale).method.load_teacher()
-  assert "vae" in str(err.value) and "\n" not in str(err.value)
+  assert "frozen_weights" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_autoencoder_run_is_one_line(tmp_path):

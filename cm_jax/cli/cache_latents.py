@@ -35,7 +35,7 @@ _SHARD = flags.DEFINE_integer("shard_size", 1024, "images per shard file")
 
 def cache_meta(config, parts) -> dict:
   """What the cached latents depend on: checked when the cache is reused or trained on."""
-  return {"vae": parts.identity(), "scaling_factor": parts.scaling_factor,
+  return {"frozen_weights": parts.identity, "scaling_factor": parts.scaling_factor,
           "posterior": "mean", "data": config.data.name,
           "num_classes": int(config.data.num_classes),
           "tokenizer": str(config.data.get("tokenizer", ""))}

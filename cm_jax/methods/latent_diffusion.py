@@ -83,7 +83,7 @@ class LatentDiffusion:
     cache made with another autoencoder, is a one-line error before anything is compiled."""
     if self.data_cfg.name == "latent_cache":
       latent_cache.read_cache_record(self.data_cfg.path,
-                                     expected_meta={"vae": self.parts.identity()})
+                                     expected_meta={"frozen_weights": self.parts.identity})
     return self.parts.params
 
   def abstract_frozen(self) -> dict:
@@ -99,7 +99,7 @@ class LatentDiffusion:
 
   @property
   def teacher_identity(self) -> str:
-    return self.parts.identity()
+    return self.parts.identity
 
   def initial_params(self, params, frozen):
     """A fresh UNet, or the pretrained folder's UNet with `method.init_unet_from_pretrained`
@@ -118,7 +118,10 @@ class LatentDiffusion:
   def class_prompt_ids(self) -> Optional[np.ndarray]:
     """Token ids of each class's caption (digits: "a handwritten digit seven"), so class
     labels can stand for prompts when sampling the digits teacher; None otherwise."""
-    if self.data_cfg.name != "digits_captions":
+    data = self.data_cfg.name
+    if data == "latent_cache":  # what the cache was made from
+      data = latent_cache.read_cache_record(self.data_cfg.path)["meta"].get("data")
+    if data != "digits_captions":
       return None
     return self.parts.tokenize([captions_lib.digit_caption(c)
                                 for c in range(int(self.data_cfg.num_classes))])

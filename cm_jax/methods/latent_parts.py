@@ -168,6 +168,7 @@ class LatentParts:
     text = self.text_encoder.init(jax.random.key(seed), ids)["params"]
     return {"vae": jax.device_get(run.params), "text_encoder": jax.device_get(text)}
 
+  @functools.cached_property
   def identity(self) -> str:
     """A short hash of the frozen weights (recorded in latent caches and runs)."""
     h = hashlib.sha256()
