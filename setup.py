@@ -40,7 +40,8 @@ setup(
         # The interop tests compare against torch and diffusers, so tests need them too.
         # pytest-xdist: the suite runs on 2 workers (-n 2), so two XLA compilations, which
         # dominate its time on 2 cores, run at once (about 30% less wall time).
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+        # filelock: session fixtures built once and shared by the xdist workers.
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "filelock>=3.12,<5",
                  "torch>=2.1,<3", "diffusers>=0.27,<1", "safetensors>=0.4,<1"],
     },
 )

@@ -18,6 +18,7 @@ from cm_jax.cli import cache_latents
 from cm_jax.conditioning import Conditioning
 from cm_jax.data import latent_cache
 from cm_jax.diffusion import discrete_timesteps, schedules
+from cm_jax.diffusion import parameterization as param_lib
 from cm_jax.eval import digits_classifier
 from cm_jax.methods.base import LossContext, network_fn
 from cm_jax.train import builders, loop
@@ -46,37 +47,45 @@ def ldm(tiny_latent_runs):
   return config, parts, parts.method.load_teacher()
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_ldm_loss_is_ddpm_noising_and_target_of_diffusers(ldm, prediction):
-  """LDM eq. 2 (Ho et al. Alg. 1) in latent space: z_t and the eps / v targets are
-  diffusers' DDPMScheduler.add_noise / get_velocity on the same t and eps."""
+def test_ldm_loss_is_ddpm_noising_and_target_of_diffusers(ldm):
+  """LDM eq. 2 (Ho et al. Alg. 1) in latent space: the loss is the network's squared error
+  at diffusers' DDPMScheduler.add_noise(z, eps, t) against eps, for the same t and eps; the
+  v target is diffusers' get_velocity."""
   from diffusers import DDPMScheduler  # pylint: disable=g-import-not-at-top
   config, parts, frozen = ldm
   config = config.copy_and_resolve_references()
-  config.method.update(prediction=prediction, caption_dropout=0.0)
+  config.method.update(caption_dropout=0.0)
   method = builders.build_parts(config).method
   params = builders.init_params(parts, config, jax.random.key(1))
   b = 3
   z = jax.random.normal(jax.random.key(2), (b,) + parts.image_shape)
   ids = method.parts.tokenize(["a handwritten digit two", "", "a handwritten digit nine"])
   rng = jax.random.key(3)
-  loss, _ = method.loss(params, {"latent": z, "input_ids": ids}, rng,
-                        LossContext(step=jnp.zeros((), jnp.int32), teacher_params=frozen))
+  loss, _ = jax.jit(method.loss)(params, {"latent": z, "input_ids": ids}, rng,
+                                 LossContext(step=jnp.zeros((), jnp.int32),
+                                             teacher_params=frozen))
   # The same draws, in the order LatentDiffusion.loss splits its key.
   _, k_t, k_eps, _, _ = jax.random.split(rng, 5)
-  t = np.asarray(jax.random.randint(k_t, (b,), 0, 1000))
+  t = np.array(jax.random.randint(k_t, (b,), 0, 1000))
   eps = np.asarray(jax.random.normal(k_eps, z.shape))
   sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         num_train_timesteps=1000)
-  tz = lambda a: torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
-  z_t = sched.add_noise(tz(z), tz(eps), torch.from_numpy(t)).numpy().transpose(0, 2, 3, 1)
-  target = eps if prediction == "eps" else sched.get_velocity(
-      tz(z), tz(eps), torch.from_numpy(t)).numpy().transpose(0, 2, 3, 1)
+  tz = lambda a: torch.from_numpy(np.array(a).transpose(0, 3, 1, 2))
+  nhwc = lambda a: a.numpy().transpose(0, 2, 3, 1)
+  z_t = nhwc(sched.add_noise(tz(z), tz(eps), torch.from_numpy(t)))
   context = method.parts.encode_text(frozen["text_encoder"], ids)
-  out = network_fn(method.net, params, train=True, dropout_rng=jax.random.key(0))(
-      jnp.asarray(z_t), jnp.asarray(t, jnp.float32), Conditioning(context=context))
-  want = np.mean((np.asarray(out) - target) ** 2)
-  np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+
+  def forward(p, z, t, c):
+    apply = network_fn(method.net, p, train=True, dropout_rng=jax.random.key(0))
+    return apply(z, t, Conditioning(context=c))
+
+  out = jax.jit(forward)(params, jnp.asarray(z_t), jnp.asarray(t, jnp.float32), context)
+  np.testing.assert_allclose(float(loss), np.mean((np.asarray(out) - eps) ** 2), rtol=2e-5)
+  # v-prediction's target (Salimans & Ho 2022) at the same draws.
+  abar = sched.alphas_cumprod.numpy()[t].reshape(b, 1, 1, 1)
+  v = param_lib.get_parameterization("v").target(z, eps, np.sqrt(abar), np.sqrt(1 - abar))
+  np.testing.assert_allclose(np.asarray(v), nhwc(sched.get_velocity(
+      tz(z), tz(eps), torch.from_numpy(t))), atol=1e-6)
 
 
 def test_autoencoder_loss_is_l1_plus_weighted_kl():
@@ -86,8 +95,8 @@ def test_autoencoder_loss_is_l1_plus_weighted_kl():
   params = builders.init_params(parts, config, jax.random.key(0))
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
   rng = jax.random.key(2)
-  loss, metrics = parts.method.loss(params, {"image": x}, rng, None)
-  x_hat, mean, logvar = parts.method.reconstruct(params, x, rng)
+  loss, metrics = jax.jit(lambda p: parts.method.loss(p, {"image": x}, rng, None))(params)
+  x_hat, mean, logvar = jax.jit(lambda p: parts.method.reconstruct(p, x, rng))(params)
   mean, logvar = np.asarray(mean, np.float64), np.asarray(logvar, np.float64)
   kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
   want = np.mean(np.abs(np.asarray(x_hat) - np.asarray(x))) + \

@@ -27,12 +27,6 @@ from cm_jax.cli.flag_errors import parse_flags_or_exit
 from cm_jax.data import latent_cache, sources
 from cm_jax.data.pipeline import to_model_range
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a latent model's config (ldm)")
-_OUT = flags.DEFINE_string("out", None, "cache directory (created; rerun to resume)")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "images per encoder call")
-_SHARD = flags.DEFINE_integer("shard_size", 1024, "images per shard file")
-
-
 def cache_meta(config, parts) -> dict:
   """What the cached latents depend on: checked when the cache is reused or trained on."""
   return {"frozen_weights": parts.identity, "scaling_factor": parts.scaling_factor,
@@ -61,19 +55,30 @@ def build(config, out_dir: str, batch_size: int = 64, shard_size: int = 1024,
       progress=progress)
 
 
+def _define_flags():
+  """The command line's flags, defined only when run as a program: `build` is also called
+  from processes (tests, benchmarks) that define train.py's --config themselves."""
+  return (config_flags.DEFINE_config_file("config", None, "a latent model's config (ldm)"),
+          flags.DEFINE_string("out", None, "cache directory (created; rerun to resume)"),
+          flags.DEFINE_integer("batch_size", 64, "images per encoder call"),
+          flags.DEFINE_integer("shard_size", 1024, "images per shard file"))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
-  if _CONFIG.value is None or not _OUT.value:
+  config, out = _FLAGS[0].value, _FLAGS[1].value
+  if config is None or not out:
     sys.exit("cache_latents: --config and --out are required")
   try:
-    record = build(_CONFIG.value, _OUT.value, _BATCH.value, _SHARD.value)
+    record = build(config, out, _FLAGS[2].value, _FLAGS[3].value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"cache_latents: {e}")
   print(f"cached {record['count']} latents {tuple(record['latent_shape'])} in "
-        f"{record['num_shards']} shard(s) under {_OUT.value}; train with "
-        f"--config.data.name=latent_cache --config.data.path={_OUT.value}")
+        f"{record['num_shards']} shard(s) under {out}; train with "
+        f"--config.data.name=latent_cache --config.data.path={out}")
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   app.run(main, flags_parser=parse_flags_or_exit)

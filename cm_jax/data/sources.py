@@ -482,10 +482,12 @@ def caption_source(cfg):
 
 
 def caption_info(cfg) -> DatasetInfo:
+  from cm_jax.data import captions  # pylint: disable=g-import-not-at-top
   source = caption_source(cfg)
-  labelled = cfg_get(cfg, "name") == "digits_captions"
+  labelled = cfg_get(cfg, "name") == "digits_captions"  # the only captioned set with classes
   return DatasetInfo(image_size=int(source.image_size), channels=3,
-                     num_classes=10 if labelled else 0, num_examples=len(source))
+                     num_classes=len(captions.DIGIT_WORDS) if labelled else 0,
+                     num_examples=len(source))
 
 
 def latent_cache_source(cfg):
