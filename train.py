@@ -19,13 +19,12 @@ Several processes (one per host) run the same command:
 """
 import sys
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cm_jax.cli.flag_errors import parse_flags_or_exit
-import jax
-import jax.numpy as jnp
-
 from cm_jax.train import builders, checkpoint, distributed, fit, loop, parallel
 from cm_jax.train import workdir as workdir_lib
 from cm_jax.train.state import count_params, tree_bytes
