@@ -33,19 +33,15 @@ import numpy as np
 
 from cm_jax import runs
 from cm_jax.data import text_tokenizer
+from cm_jax.data.sources import cfg_get
 from cm_jax.nets import clip_text, sd_vae
-
-
-def _field(cfg, key, default=None):
-  v = cfg.get(key, default)
-  return default if v is None else v
 
 
 def vae_config_of(mcfg) -> dict:
   """The autoencoder's diffusers-style config: the pretrained folder's `vae/config.json`,
   else `method.vae` (what the configs write, so shapes are known without reading a run),
   else the saved config of the cm_jax autoencoder run `method.vae_workdir`."""
-  folder = _field(mcfg, "pretrained", "")
+  folder = cfg_get(mcfg, "pretrained", "")
   if folder:
     path = os.path.join(folder, "vae", "config.json")
     if not os.path.isfile(path):
@@ -55,7 +51,7 @@ def vae_config_of(mcfg) -> dict:
   vae = mcfg.get("vae")
   if vae:
     return vae.to_dict() if hasattr(vae, "to_dict") else dict(vae)
-  workdir = _field(mcfg, "vae_workdir", "")
+  workdir = cfg_get(mcfg, "vae_workdir", "")
   if not workdir:
     raise ValueError("a latent method needs its autoencoder: set method.pretrained (a "
                      "diffusers folder) or method.vae_workdir (a run of configs/*_vae.py)")
@@ -97,13 +93,13 @@ class LatentParts:
     self.vae_config = vae_config_of(mcfg)
     self.vae = sd_vae.AutoencoderKL.from_config(self.vae_config)
     self.scaling_factor = float(self.vae_config.get("scaling_factor", 0.18215))
-    self.clip_skip = int(_field(mcfg, "clip_skip", 0))
+    self.clip_skip = int(cfg_get(mcfg, "clip_skip", 0))
 
   # -- text -----------------------------------------------------------------------------
 
   @functools.cached_property
   def _folder(self):
-    folder = _field(self.mcfg, "pretrained", "")
+    folder = cfg_get(self.mcfg, "pretrained", "")
     if not folder:
       return None
     from cm_jax.nets import sd_folder  # pylint: disable=g-import-not-at-top
@@ -128,7 +124,7 @@ class LatentParts:
   def tokenizer(self):
     if self._folder is not None:
       return text_tokenizer.load_tokenizer(self._folder.tokenizer_dir)
-    name = _field(self.mcfg, "tokenizer", "")
+    name = cfg_get(self.mcfg, "tokenizer", "")
     if name in text_tokenizer.BUILTIN:
       return text_tokenizer.builtin_tokenizer(name)
     if not name:
@@ -149,7 +145,7 @@ class LatentParts:
     """{'vae': ..., 'text_encoder': ...} on the host (float32 numpy)."""
     if self._folder is not None:
       return {"vae": self._folder.vae_params, "text_encoder": self._folder.text_params}
-    workdir = _field(self.mcfg, "vae_workdir", "")
+    workdir = cfg_get(self.mcfg, "vae_workdir", "")
     if not workdir:
       raise ValueError("method.vae_workdir is empty: train the autoencoder first "
                        "(configs/digits32_vae.py) and point this run at it")
@@ -162,9 +158,9 @@ class LatentParts:
       raise ValueError(f"the autoencoder run {workdir!r} differs from method.vae in "
                        f"{differs}; train the latent model on the autoencoder it was "
                        f"configured for")
-    run = runs.load_run(workdir, _field(self.mcfg, "vae_params", "ema"))
+    run = runs.load_run(workdir, cfg_get(self.mcfg, "vae_params", "ema"))
     ids = jnp.zeros((1, self.tokenizer.model_max_length), jnp.int32)
-    seed = int(_field(self.mcfg, "text_encoder_seed", 0))
+    seed = int(cfg_get(self.mcfg, "text_encoder_seed", 0))
     text = self.text_encoder.init(jax.random.key(seed), ids)["params"]
     return {"vae": jax.device_get(run.params), "text_encoder": jax.device_get(text)}
 

@@ -159,12 +159,13 @@ class UNetMidBlock2D(nn.Module):
     return res(c, self.groups, self.dtype, name="resnets_1")(x)
 
 
-class DownEncoderBlock2D(nn.Module):
-  """num_layers resnets to out_channels, then (add_downsample) downsamplers_0."""
+class _ResnetStack(nn.Module):
+  """num_layers resnets to out_channels, then (resample) the block's resampler: what
+  diffusers' DownEncoderBlock2D and UpDecoderBlock2D share (subclasses name it)."""
   out_channels: int
   num_layers: int
   groups: int
-  add_downsample: bool
+  resample: bool
   dtype: Any = jnp.float32
   remat: bool = False
 
@@ -173,28 +174,21 @@ class DownEncoderBlock2D(nn.Module):
     res = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
     for j in range(self.num_layers):
       x = res(self.out_channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
-    if self.add_downsample:
-      x = Downsample2D(self.dtype, name="downsamplers_0")(x)
-    return x
+    return self.resampler()(x) if self.resample else x
 
 
-class UpDecoderBlock2D(nn.Module):
-  """num_layers resnets to out_channels, then (add_upsample) upsamplers_0."""
-  out_channels: int
-  num_layers: int
-  groups: int
-  add_upsample: bool
-  dtype: Any = jnp.float32
-  remat: bool = False
+class DownEncoderBlock2D(_ResnetStack):
+  """Resnets, then (resample) downsamplers_0."""
 
-  @nn.compact
-  def __call__(self, x):
-    res = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
-    for j in range(self.num_layers):
-      x = res(self.out_channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
-    if self.add_upsample:
-      x = Upsample2D(self.dtype, name="upsamplers_0")(x)
-    return x
+  def resampler(self):
+    return Downsample2D(self.dtype, name="downsamplers_0")
+
+
+class UpDecoderBlock2D(_ResnetStack):
+  """Resnets, then (resample) upsamplers_0."""
+
+  def resampler(self):
+    return Upsample2D(self.dtype, name="upsamplers_0")
 
 
 class Encoder(nn.Module):
@@ -216,7 +210,7 @@ class Encoder(nn.Module):
     h = _conv(chans[0], 3, "conv_in", self.dtype)(x.astype(self.dtype))
     for i, ch in enumerate(chans):
       h = DownEncoderBlock2D(ch, self.layers_per_block, self.groups,
-                             add_downsample=i != len(chans) - 1, dtype=self.dtype,
+                             resample=i != len(chans) - 1, dtype=self.dtype,
                              remat=self.remat, name=f"down_blocks_{i}")(h)
     h = UNetMidBlock2D(self.groups, self.add_attention, self.dtype, self.remat,
                        name="mid_block")(h)
@@ -246,7 +240,7 @@ class Decoder(nn.Module):
                        name="mid_block")(h)
     for i, ch in enumerate(chans):
       h = UpDecoderBlock2D(ch, self.layers_per_block + 1, self.groups,
-                           add_upsample=i != len(chans) - 1, dtype=self.dtype,
+                           resample=i != len(chans) - 1, dtype=self.dtype,
                            remat=self.remat, name=f"up_blocks_{i}")(h)
     h = nn.silu(_group_norm(h.astype(jnp.float32), self.groups, "conv_norm_out"))
     return _conv(self.out_channels, 3, "conv_out", jnp.float32)(h)
