@@ -36,12 +36,16 @@ setup(
     extras_require={
         # Import of released PyTorch checkpoints, export to safetensors / diffusers,
         # and the one-off Inception / LPIPS weight converters.
-        "interop": ["torch>=2.1,<3", "diffusers>=0.27,<1", "safetensors>=0.4,<1"],
+        # peft: diffusers' load_lora_weights needs it (LoRA files; the LoRA parity test).
+        "interop": ["torch>=2.1,<3", "diffusers>=0.27,<1", "safetensors>=0.4,<1",
+                    "peft>=0.13,<1"],
         # The interop tests compare against torch and diffusers, so tests need them too.
         # pytest-xdist: the suite runs on 2 workers (-n 2), so two XLA compilations, which
         # dominate its time on 2 cores, run at once (about 30% less wall time).
         # filelock: session fixtures built once and shared by the xdist workers.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "filelock>=3.12,<5",
-                 "torch>=2.1,<3", "diffusers>=0.27,<1", "safetensors>=0.4,<1"],
+                 "torch>=2.1,<3", "diffusers>=0.27,<1", "safetensors>=0.4,<1",
+                 # diffusers' load_lora_weights needs peft (the LoRA parity test).
+                 "peft>=0.13,<1"],
     },
 )

@@ -88,3 +88,19 @@ def make_tiny_sd_folder(path, *, time_cond_proj_dim=None, scheduler="ddim", seed
   shutil.rmtree(os.path.join(path, "tokenizer"))
   shutil.move(tok_dir, os.path.join(path, "tokenizer"))
   return path
+
+
+def lcd_config(folder, *, time_cond_proj_dim=8, prediction=None, **method_overrides):
+  """An LCD config distilling the (DDIM, no w input) tiny folder at `folder`: the folder's
+  shapes (`configs.sd15_ldm.from_folder`), the LCD method fields with the folder as both the
+  frozen parts and the teacher, a `time_cond_proj_dim`-wide w input on the student (None:
+  none), LCM sampling. `method_overrides` update the method fields (loss_type='l2', ...)."""
+  from configs import digits32_lcd, sd15_ldm  # pylint: disable=g-import-not-at-top
+  c = sd15_ldm.from_folder(os.fspath(folder), prediction=prediction)
+  fields = dict(pretrained=os.fspath(folder), teacher_workdir="")
+  fields.update(method_overrides)
+  c.method = digits32_lcd.lcm_method_fields(c.method, **fields)
+  c.model.time_cond_proj_dim = time_cond_proj_dim
+  c.ema.update(halflife_kimg=0.0, rates=())  # the student is read online, as LCD's
+  c.sample.update(sampler="lcm", num_steps=4, params="online")
+  return c

@@ -6,6 +6,8 @@ from cm_jax.methods.consistency import (ConsistencyDistillation, ConsistencyTrai
                                         ImprovedConsistencyTraining)
 from cm_jax.methods.edm import EDM
 from cm_jax.methods.guided_distillation import GuidedDistillation
+from cm_jax.methods.latent_consistency import (LatentConsistencyDistillation,
+                                                LatentConsistencyFinetuning)
 from cm_jax.methods.latent_diffusion import LatentDiffusion
 from cm_jax.methods.multistep_consistency import (MultistepConsistency,
                                                   MultistepConsistencyTraining)
@@ -26,6 +28,8 @@ METHODS = {
     "olss": OLSS,
     "autoencoder_kl": AutoencoderKLTraining,
     "ldm": LatentDiffusion,
+    "lcd": LatentConsistencyDistillation,
+    "lcf": LatentConsistencyFinetuning,
 }
 
 

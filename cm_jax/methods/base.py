@@ -85,6 +85,9 @@ class Method(Protocol):
   #       load_teacher()'s result only feeds initial_params / round 0: the trainer does not
   #       pass it to the steps (progressive distillation reads the round's teacher from the
   #       state; multistep CT only starts from a diffusion run's weights).
+  #   step_frozen(self, frozen) -> dict
+  #       the part of load_teacher()'s dict the steps read, when some of it only fed
+  #       initial_params (LCF: the LCM its student starts from).
   #   checkpoint_step_for(config, num_steps) (classmethod)
   #       the checkpoint step readers sample `num_steps` from (a run that keeps one
   #       student per step count); a one-line ValueError when it has no such student.

@@ -183,6 +183,9 @@ def _train(config, workdir, num_steps, progress, teacher_params, data_iterator, 
     # reads the round's teacher from the state (progressive distillation): this copy need
     # not ride along (memory).
     teacher_params = None
+  elif teacher_params is not None and hasattr(parts.method, "step_frozen"):
+    # Part of what load_teacher() read only seeded the weights (LCF's starting LCM).
+    teacher_params = parts.method.step_frozen(teacher_params)
   start = 0
   if ckpts.latest_step() is not None:
     host_state, data_state, start = ckpts.restore(par.host_abstract(state))

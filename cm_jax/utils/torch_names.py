@@ -31,7 +31,7 @@ _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 _LITERAL_NAMES = frozenset({"linear_1", "linear_2", "linear_3", "proj_out_1", "proj_out_2"})
 
 
-def _module_path(key: str) -> tuple[str, ...]:
+def module_path(key: str) -> tuple[str, ...]:
   """'down_blocks.0.resnets.1.conv1' -> ('down_blocks_0', 'resnets_1', 'conv1')."""
   out: list[str] = []
   for part in key.split("."):
@@ -42,8 +42,8 @@ def _module_path(key: str) -> tuple[str, ...]:
   return tuple(out)
 
 
-def _torch_key(path: tuple[str, ...]) -> str:
-  """The inverse of `_module_path` for a Flax module path (leaf excluded)."""
+def torch_key(path: tuple[str, ...]) -> str:
+  """The inverse of `module_path` for a Flax module path (leaf excluded)."""
   parts: list[str] = []
   for name in path:
     head, sep, tail = name.rpartition("_")
@@ -52,14 +52,15 @@ def _torch_key(path: tuple[str, ...]) -> str:
   return ".".join(parts)
 
 
-def _to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
+def to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
   """conv (O, I, kh, kw) -> (kh, kw, I, O); linear (O, I) -> (I, O); others as they are."""
   if leaf != "kernel":
     return value
   return np.ascontiguousarray(value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T)
 
 
-def _from_flax(leaf: str, value: np.ndarray) -> np.ndarray:
+def from_flax(leaf: str, value: np.ndarray) -> np.ndarray:
+  """The inverse of `to_flax`."""
   if leaf != "kernel":
     return value
   return np.ascontiguousarray(value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
@@ -80,7 +81,7 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], abstract_params, *,
     if key in ignore:
       continue
     module_key, _, torch_leaf = key.rpartition(".")
-    module = _module_path(module_key)
+    module = module_path(module_key)
     leaves = modules.get(module)
     if leaves is None:
       raise ValueError(f"{what}: tensor {key!r} has no place in the Flax network "
@@ -94,7 +95,7 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], abstract_params, *,
     if path not in expected:
       raise ValueError(f"{what}: tensor {key!r} has no place in the Flax network "
                        f"(module {'/'.join(module)} has {sorted(leaves)})")
-    array = _to_flax(leaf, np.asarray(value))
+    array = to_flax(leaf, np.asarray(value))
     want = tuple(expected[path].shape)
     if array.shape != want:
       raise ValueError(f"{what}: tensor {key!r} has shape {tuple(np.shape(value))}, the Flax "
@@ -104,7 +105,7 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], abstract_params, *,
   if missing:
     first = missing[0]
     leaf = "weight" if first[-1] in _WEIGHT_LEAVES else first[-1]
-    raise ValueError(f"{what}: tensor {_torch_key(first[:-1]) + '.' + leaf!r} is missing "
+    raise ValueError(f"{what}: tensor {torch_key(first[:-1]) + '.' + leaf!r} is missing "
                      f"({len(missing)} Flax parameter(s) unfilled)")
   return traverse_util.unflatten_dict(out)
 
@@ -116,5 +117,5 @@ def state_dict_from_params(params) -> dict[str, np.ndarray]:
   for path, value in traverse_util.flatten_dict(params).items():
     leaf = path[-1]
     torch_leaf = "weight" if leaf in _WEIGHT_LEAVES else leaf
-    out[_torch_key(path[:-1]) + "." + torch_leaf] = _from_flax(leaf, np.asarray(value))
+    out[torch_key(path[:-1]) + "." + torch_leaf] = from_flax(leaf, np.asarray(value))
   return out
