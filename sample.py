@@ -3,6 +3,10 @@
   python sample.py --workdir runs/digits_edm --num 1000 --steps 18 --seed 0 --out samples.npz
   python sample.py --pretrained /path/to/stable-diffusion-v1-5 --prompt "a red cat" \
       --guidance 6.5 --sampler dpmpp_2m --steps 25 --num 4 --out cats.npz
+  python sample.py --pretrained /path/to/LCM_Dreamshaper_v7 --prompt "a red cat" \
+      --guidance 7.5 --steps 4 --num 4 --out lcm.npz        # an LCM folder: the LCM sampler
+  python sample.py --pretrained /path/to/stable-diffusion-v1-5 --lora lcm-lora-sdv1-5 \
+      --prompt "a red cat" --steps 4 --num 4 --out lcm_lora.npz   # LCM-LoRA merged in
 
 Image i depends only on (--seed, i): the same whatever --batch_size or device count.
 """
@@ -21,7 +25,12 @@ from cm_jax.utils.images import save_grid_png, save_samples_npz
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by train.py")
 _PRETRAINED = flags.DEFINE_string(
     "pretrained", None, "a diffusers text-to-image folder (Stable Diffusion layout: unet/, "
-    "vae/, text_encoder/, tokenizer/, scheduler/) to sample directly, instead of --workdir")
+    "vae/, text_encoder/, tokenizer/, scheduler/) to sample directly, instead of --workdir; "
+    "an LCM folder (LCMScheduler, e.g. LCM_Dreamshaper_v7) samples with the LCM sampler")
+_LORA = flags.DEFINE_string(
+    "lora", None, "with --pretrained: a LoRA file (PEFT / diffusers or kohya-ss "
+    ".safetensors, or a folder holding pytorch_lora_weights.safetensors), e.g. an LCM-LoRA, "
+    "merged into the folder's UNet; sampled with the LCM sampler (no guidance by default)")
 _PROMPT = flags.DEFINE_string("prompt", None, "text-to-image runs: the prompt (default: the "
                               "digits run's class captions, else the empty prompt)")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "text-to-image runs: the prompt "
@@ -37,9 +46,10 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "sampler name (default: the conf
 _PARAMS = flags.DEFINE_string("params", None, "ema | online | an EMA's name (default: config)")
 _CLASS = flags.DEFINE_integer("class_label", None, "generate only this class")
 _GUIDANCE = flags.DEFINE_float(
-    "guidance", None, "classifier-free guidance strength w: (1 + w) x_cond - w x_uncond "
-    "(diffusers' guidance_scale = 1 + w; needs a model trained with label dropout; "
-    "default: config.sample.guidance)")
+    "guidance", None, "guidance strength w >= 0: classifier-free (1 + w) x_cond - w x_uncond "
+    "(needs a model trained with label dropout), or the w fed to a distilled student's "
+    "guidance embedding (an LCM); diffusers' guidance_scale = w + 1 either way "
+    "(default: config.sample.guidance)")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "checkpoint step (default: latest)")
 _TS = flags.DEFINE_list("ts", None, "consistency models: grid indices of CM Algorithm 1, e.g. "
                         "0,22,39 (on config.sample.grid_points levels); sets --steps")
@@ -65,10 +75,17 @@ def main(argv):
     sys.exit(f"sample.py: {e}")
 
 
-def _pretrained_config(folder):
-  """The config of a diffusers folder (configs/sd15_ldm.py from_folder), or RequestError."""
-  from configs import sd15_ldm  # pylint: disable=g-import-not-at-top
+def _pretrained_config(folder, lora=None):
+  """The config of a diffusers folder, or RequestError: an LCM folder's (LCMScheduler:
+  configs/sd15_lcd.py from_folder), a folder sampled with an LCM-LoRA merged in
+  (configs/sd15_lcm_lora.py from_folder), else a diffusion model's (configs/sd15_ldm.py)."""
+  # pylint: disable-next=g-import-not-at-top
+  from configs import sd15_lcd, sd15_lcm_lora, sd15_ldm
   try:
+    if sd15_lcd.is_lcm_folder(folder):
+      return sd15_lcd.from_folder(folder)
+    if lora:
+      return sd15_lcm_lora.from_folder(folder)
     return sd15_ldm.from_folder(folder)
   except (ValueError, FileNotFoundError) as e:
     raise sample_request.RequestError(str(e)) from None
@@ -78,6 +95,9 @@ def _sample():
   if bool(_WORKDIR.value) == bool(_PRETRAINED.value):
     raise sample_request.RequestError("give one of --workdir (a cm_jax run) and --pretrained "
                                       "(a diffusers folder)")
+  if _LORA.value and not _PRETRAINED.value:
+    raise sample_request.RequestError("--lora merges a LoRA file into a diffusers folder's "
+                                      "UNet: give it with --pretrained")
   if not _OUT.value.endswith(".npz"):  # the PNG grid goes beside it: never over it
     raise sample_request.RequestError(
         f"--out must be a .npz file (the grid is written beside it as .png, or to --grid), "
@@ -86,7 +106,7 @@ def _sample():
   sample_request.check_counts(num=_NUM.value, steps=_STEPS.value, batch_size=_BATCH.value,
                               grid_points=_GRID_POINTS.value)
   if _PRETRAINED.value:
-    config = _pretrained_config(_PRETRAINED.value)
+    config = _pretrained_config(_PRETRAINED.value, _LORA.value)
   else:
     try:
       config = runs.load_config(_WORKDIR.value, _STEP.value)
@@ -117,7 +137,7 @@ def _sample():
   plan.options.update(sample_request.prompt_options(parts.method, _PROMPT.value,
                                                     _NEGATIVE.value))
   if _PRETRAINED.value:
-    run = sample_request.read_pretrained(_PRETRAINED.value)
+    run = sample_request.read_pretrained(_PRETRAINED.value, _LORA.value)
   else:
     run = sample_request.read_weights(config, _WORKDIR.value, _PARAMS.value, plan.num_steps,
                                       _STEP.value)
@@ -138,6 +158,8 @@ def _sample():
   grid = _GRID.value or os.path.splitext(_OUT.value)[0] + ".png"
   save_grid_png(images[:_GRID_MAX.value], grid)
   source = _PRETRAINED.value or f"step {run.step}"
+  if _LORA.value:
+    source += f" + {_LORA.value}"
   print(f"wrote {len(images)} images from {source} ({plan.sampler}, {plan.num_steps} "
         f"steps) to {_OUT.value} and {grid}")
 

@@ -62,16 +62,21 @@ def _base(unet_config: dict, vae_config: dict, text_config: dict, scheduler_conf
   return c
 
 
+def read_folder_config(folder: str, sub: str, name: str = "config.json") -> dict:
+  """One component config of a diffusers folder (`unet`, `vae`, ...; the scheduler's is
+  `scheduler_config.json`); a missing one is a one-line FileNotFoundError."""
+  path = os.path.join(folder, sub, name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: {sub}/{name} "
+                            f"is missing")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def from_folder(folder: str, prediction=None):
   """The config of a diffusers Stable-Diffusion-style folder (its configs only; no weights
   are read here)."""
-  def read(sub, name="config.json"):
-    path = os.path.join(folder, sub, name)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: {sub}/{name} "
-                              f"is missing")
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+  read = lambda sub, name="config.json": read_folder_config(folder, sub, name)
   scheduler = read("scheduler", "scheduler_config.json")
   prediction = prediction or {"epsilon": "eps", "v_prediction": "v"}.get(
       scheduler.get("prediction_type", "epsilon"))

@@ -70,6 +70,17 @@ def tiny_sd_folder(tmp_path_factory, worker_id):
   return _built_once(tmp_path_factory, worker_id, "tiny_sd_folder", build)
 
 
+@pytest.fixture(scope="session")
+def tiny_lcm_folder(tmp_path_factory, worker_id):
+  """A tiny random-weight LCM folder (tests/sd_tiny.py): the tiny SD layout with an 8-wide
+  guidance embedding (time_cond_proj_dim) and an LCMScheduler, built once."""
+  import sd_tiny  # pylint: disable=g-import-not-at-top
+  build = _Build(lambda d: sd_tiny.make_tiny_sd_folder(d / "tiny", time_cond_proj_dim=8,
+                                                       scheduler="lcm", seed=1),
+                 lambda d: d / "tiny")
+  return _built_once(tmp_path_factory, worker_id, "tiny_lcm_folder", build)
+
+
 def _tiny_ldm_config(vae_dir):
   from configs import digits32_ldm  # pylint: disable=g-import-not-at-top
   config = digits32_ldm.get_config("tiny")

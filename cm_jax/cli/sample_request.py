@@ -87,6 +87,9 @@ def plan_sampling(config, method, *, steps: Optional[int], ts: Optional[Sequence
   if grid_points and "grid_points" in config.sample:
     options["grid_points"] = grid_points
   w = guidance if guidance is not None else config.sample.get("guidance", 0.0)
+  if w is not None and float(w) < 0:  # (1 + w) x_c - w x_u with w < 0 pushes toward x_u
+    raise RequestError(f"--guidance must be >= 0 (w = 0: no guidance; diffusers' "
+                       f"guidance_scale = 1 + w), got {float(w):g}")
   try:
     guided, warning = sampling.guidance_options(method, w)
   except ValueError as e:
@@ -117,13 +120,21 @@ def read_weights(config, workdir: str, which: Optional[str], num_steps: int,
 def prompt_options(method, prompt: Optional[str],
                    negative_prompt: Optional[str]) -> dict:
   """{'prompt_ids': (1, L), 'negative_prompt_ids': (1, L)} token ids for a text-to-image
-  run (a prompt longer than the tokenizer's 77 tokens is truncated with one warning line,
-  as diffusers does), {} when neither flag is given; RequestError for a run without text."""
+  run (any method with a text encoder: latent diffusion, latent consistency models; a
+  prompt longer than the tokenizer's 77 tokens is truncated with one warning line, as
+  diffusers does), {} when neither flag is given; RequestError for a run without text."""
   if prompt is None and negative_prompt is None:
     return {}
-  if getattr(method, "name", None) != "ldm":
+  # The class attribute: reading `parts` on the instance would load the frozen networks.
+  if getattr(type(method), "parts", None) is None:
     raise RequestError(f"--prompt / --negative_prompt apply to text-to-image runs (latent "
-                       f"diffusion); this run's method is {getattr(method, 'name', '?')!r}")
+                       f"diffusion, latent consistency models); this run's method is "
+                       f"{getattr(method, 'name', '?')!r}")
+  if negative_prompt is not None and getattr(method, "guidance_kind", None) == "embedding":
+    # Its guidance is learned against the empty prompt, and one evaluation has no other.
+    raise RequestError("--negative_prompt: an LCM with a guidance embedding guides away from "
+                       "the empty prompt it was distilled with and takes no negative prompt "
+                       "(nor does diffusers' LatentConsistencyModelPipeline)")
   try:
     options = {}
     if prompt is not None:
@@ -135,8 +146,11 @@ def prompt_options(method, prompt: Optional[str],
     raise RequestError(str(e)) from None
 
 
-def read_pretrained(folder: str):
-  """The UNet weights of a diffusers folder as a cm_jax.runs.Run, or RequestError."""
+def read_pretrained(folder: str, lora: Optional[str] = None):
+  """The UNet weights of a diffusers folder as a cm_jax.runs.Run, with the LoRA file `lora`
+  (PEFT / diffusers or kohya-ss format, e.g. an LCM-LoRA) merged into them when given:
+  W + scale A B on every adapted layer (cm_jax.nets.lora). RequestError for an unreadable
+  folder or file, or a LoRA made for another network."""
   # pylint: disable-next=g-import-not-at-top
   from cm_jax import runs
   from cm_jax.nets import sd_folder
@@ -144,4 +158,15 @@ def read_pretrained(folder: str):
     unet = sd_folder.load_sd_folder(folder, components=("unet",)).unet_params
   except (ValueError, FileNotFoundError) as e:
     raise RequestError(str(e)) from None
-  return runs.Run(config=None, params=unet, step=0, which="pretrained", kind="imported")
+  which = "pretrained"
+  if lora:
+    # pylint: disable-next=g-import-not-at-top
+    from cm_jax.nets import lora as lora_lib
+    from cm_jax.nets import lora_files
+    try:
+      adapters, scale = lora_files.load_lora_file(lora, unet)
+      unet = lora_lib.merge_lora(unet, adapters, scale)
+    except (ValueError, FileNotFoundError) as e:
+      raise RequestError(f"--lora: {e}") from None
+    which = "pretrained + LoRA"
+  return runs.Run(config=None, params=unet, step=0, which=which, kind="imported")

@@ -9,6 +9,8 @@
   python -m cm_jax.interop export --workdir runs/cd_in64_openai --format diffusers --out hf/cd
   python -m cm_jax.interop export --workdir runs/x --format safetensors --out export/x
   python -m cm_jax.interop export --workdir runs/x --format openai --out export/x/model.pt
+  python -m cm_jax.interop export --workdir runs/sd15_lcd --format diffusers --out hf/lcm
+  python -m cm_jax.interop export --workdir runs/sd15_lcm_lora --format lora --out hf/lora
 
 An imported run holds the weights in its online params, every EMA copy and the target,
 saved at --step (default 0) with the config of configs/<data>_<method>.py adapted to the
@@ -84,11 +86,18 @@ def _import(args) -> None:
 
 def _export(args) -> None:
   from cm_jax.interop import export_diffusers, export_openai, export_safetensors, runs  # pylint: disable=g-import-not-at-top
+  from cm_jax import runs as run_dirs  # pylint: disable=g-import-not-at-top
+  from cm_jax.interop import export_sd  # pylint: disable=g-import-not-at-top
+  if args.format in ("diffusers", "lora"):  # an unsupported run: one line, no weights read
+    config = run_dirs.load_config(args.workdir, args.step)
+    if args.format == "lora" or config.method.name in export_sd.PIPELINES:
+      export_sd.check_exportable(config, args.format)
   params, config, step, which = runs.load_run_params(args.workdir, args.params, args.step)
   if args.format == "safetensors":
     out = export_safetensors.save(args.out, params, config, which, extra={"step": int(step)})
-  elif args.format == "diffusers" and config.method.name == "ldm":
-    from cm_jax.interop import export_sd  # pylint: disable=g-import-not-at-top
+  elif args.format == "lora":
+    out = export_sd.save_lora(args.out, params, config)
+  elif args.format == "diffusers" and config.method.name in export_sd.PIPELINES:
     out = export_sd.save(args.out, params, config)
   elif args.format == "diffusers":
     out = export_diffusers.save(args.out, params, config, which)
@@ -118,10 +127,16 @@ def parser() -> argparse.ArgumentParser:
   imp.add_argument("--variant", default="", help="config variant ('tiny' for tests)")
   imp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set data.data_dir=/data (repeatable)")
-  exp = sub.add_parser("export", help="run directory -> safetensors | diffusers | openai")
+  exp = sub.add_parser("export",
+                       help="run directory -> safetensors | diffusers | openai | lora")
   exp.add_argument("--workdir", required=True)
-  exp.add_argument("--format", required=True, choices=("safetensors", "diffusers", "openai"))
-  exp.add_argument("--out", required=True, help="output directory (openai: a .pt path or dir)")
+  exp.add_argument("--format", required=True,
+                   choices=("safetensors", "diffusers", "openai", "lora"),
+                   help="diffusers: a pipeline folder (ldm: StableDiffusionPipeline; lcd / "
+                        "lcf: LatentConsistencyModelPipeline); lora: an LCM-LoRA run's "
+                        "adapters as pytorch_lora_weights.safetensors")
+  exp.add_argument("--out", required=True, help="output directory (openai: a .pt path or dir; "
+                   "lora: a .safetensors path or dir)")
   exp.add_argument("--params", default=None,
                    help="ema | online | an EMA's name (default: the config's sample.params)")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -196,7 +196,9 @@ class LatentConsistencyDistillation(LatentDiffusion):
 
   @property
   def lora_scale(self) -> float:
-    return float(self.cfg.get("lora_alpha", self.lora_rank)) / max(self.lora_rank, 1)
+    """alpha / r (PEFT's scaling); method.lora_alpha = 0 means alpha = r (scale 1)."""
+    alpha = float(self.cfg.get("lora_alpha", 0) or self.lora_rank)
+    return alpha / max(self.lora_rank, 1)
 
   def initial_params(self, params, frozen):
     """LCD: the teacher's weights, the w-embedding layer fresh; LCM-LoRA: the adapters
