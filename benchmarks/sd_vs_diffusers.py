@@ -100,16 +100,19 @@ def folder_spec(name: str) -> dict:
   raise ValueError(f"unknown configuration {name!r}; choose from {CONFIGS}")
 
 
-def make_folder(name: str, path: str) -> str:
+def make_folder(name: str, path: str, *, time_cond_proj_dim=None, scheduler="ddim") -> str:
   """Writes configuration `name`'s random-weight pipeline folder at `path`, as
-  tests/sd_tiny.make_tiny_sd_folder does (which writes `tiny` itself)."""
+  tests/sd_tiny.make_tiny_sd_folder does (which writes `tiny` itself), with its options: a
+  `time_cond_proj_dim`-wide guidance input on the UNet, a 'ddim' or 'lcm' scheduler (an LCM
+  folder: benchmarks/lcm_vs_diffusers.py)."""
   import shutil  # pylint: disable=g-import-not-at-top
   import sd_tiny  # pylint: disable=g-import-not-at-top
   if name == "tiny":
-    return sd_tiny.make_tiny_sd_folder(path)
+    return sd_tiny.make_tiny_sd_folder(path, time_cond_proj_dim=time_cond_proj_dim,
+                                       scheduler=scheduler)
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import (AutoencoderKL, DDIMScheduler,  # pylint: disable=g-import-not-at-top
-                         StableDiffusionPipeline, UNet2DConditionModel)
+                         LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
   from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
   from cm_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   spec = folder_spec(name)
@@ -117,7 +120,7 @@ def make_folder(name: str, path: str) -> str:
   text_tokenizer.write_word_level_tokenizer(sd_tiny.WORDS, tok_dir)
   tokenizer = text_tokenizer.load_tokenizer(tok_dir)
   torch.manual_seed(0)
-  unet = UNet2DConditionModel(**spec["unet"])
+  unet = UNet2DConditionModel(**spec["unet"], time_cond_proj_dim=time_cond_proj_dim)
   vae = AutoencoderKL(**spec["vae"])
   text_encoder = CLIPTextModel(CLIPTextConfig(
       vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -129,7 +132,8 @@ def make_folder(name: str, path: str) -> str:
         p.add_(sd_tiny.NOISE * torch.randn_like(p))
   pipe = StableDiffusionPipeline(
       vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-      scheduler=DDIMScheduler(**sd_tiny.scheduler_kwargs()), safety_checker=None,
+      scheduler={"ddim": DDIMScheduler, "lcm": LCMScheduler}[scheduler](
+          **sd_tiny.scheduler_kwargs()), safety_checker=None,
       feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(path, safe_serialization=True)
   # As sd_tiny: the CLIP vocab.json + merges.txt that cm_jax's tokenizer reader takes.

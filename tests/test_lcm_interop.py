@@ -339,3 +339,15 @@ def test_lora_and_export_errors_are_one_line(tiny_sd_folder, tiny_lcm_folder, lo
                        "--out", str(tmp_path / "l")]) == 1
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "lora_rank" in err, err
+
+
+def test_sd15_lcd_tiny_trains_on_the_tiny_folder(tiny_sd_folder, tmp_path):
+  """The issue's check: `sd15_lcd.py:tiny` runs a few steps with the tiny random SD folder as
+  teacher, frozen autoencoder and text encoder."""
+  from cm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = sd15_lcd.get_config("tiny")
+  config.method.pretrained = str(tiny_sd_folder)
+  config.data.tokenizer = os.path.join(str(tiny_sd_folder), "tokenizer")
+  state = loop.train(config, str(tmp_path / "run"), progress=False)
+  assert int(state.step) == config.training.num_steps == 2
+  assert all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(state.params))
