@@ -10,10 +10,10 @@ LCD run) on the latent cache, then samples --num images per row, each prompted w
 class's caption, decodes them and scores them with the digits metric of
 `benchmarks/digits32_latent.py` (FD-digits after 32 -> 8 px block means, class coverage,
 and the classifier's accuracy against the prompt's digit). Rows: the teacher with DDIM at
-50 steps and guidance w (two evaluations per step), then each student at every --steps
-count with the LCM sampler (LCD / LCF take w through their embedding; LCM-LoRA was
-distilled at w and samples without guidance). Prints one table, also written as
-<out>.json and <out>.md.
+50 steps and guidance w (two evaluations per step) and with DDIM at each --steps count (the
+paper's baseline), then each student at every --steps count with the LCM sampler (LCD /
+LCF take w through their embedding; LCM-LoRA was distilled at w and samples without
+guidance). Prints one table, also written as <out>.json and <out>.md.
 """
 from __future__ import annotations
 
@@ -93,11 +93,14 @@ def main(argv=None) -> int:
     print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
 
   t = args.teacher_steps
-  score("digits32 latent teacher", teacher, ldm_dir, "ddim", t, t * (2 if w else 1),
-        {"guidance": w} if w else {})
+  step_counts = [int(s) for s in args.steps.split(",")]
+  # The teacher at its own step count, then with DDIM at the students' (the paper's baseline).
+  for steps in [t] + [s for s in step_counts if s != t]:
+    score("digits32 latent teacher", teacher, ldm_dir, "ddim", steps,
+          steps * (2 if w else 1), {"guidance": w} if w else {})
   for name, config, workdir in students:
     embedded = bool(config.method.w_embedding)
-    for steps in [int(s) for s in args.steps.split(",")]:
+    for steps in step_counts:
       score(name, config, workdir, "lcm", steps, steps,
             {"guidance": w} if (embedded and w) else {})
   table = markdown_table(rows)
