@@ -77,3 +77,11 @@ def test_lcm_lora_trains_and_keeps_only_the_adapters(tiny_latent_runs, tmp_path)
   assert _flat(saved).keys() == leaves.keys()
   images, _ = _sample(config, str(tmp_path / "lora"))
   assert images.shape == (4, 16, 16, 3)
+
+
+def test_lcf_refuses_lora_adapters(tiny_latent_runs):
+  config = _config(digits32_lcf, tiny_latent_runs, teacher_workdir="", lora_rank=2,
+                   w_embedding=False)
+  config.model.time_cond_proj_dim = None
+  with pytest.raises(ValueError, match="lora_rank=0"):
+    builders.build_parts(config)

@@ -372,6 +372,12 @@ class LatentConsistencyFinetuning(LatentConsistencyDistillation):
 
   name = "lcf"
 
+  def __init__(self, net, config):
+    super().__init__(net, config)
+    if self.lora_rank:
+      raise ValueError("lcf fine-tunes a whole LCM; LoRA adapters are for distillation "
+                       "(method lcd with lora_rank > 0): set method.lora_rank=0")
+
   @functools.cached_property
   def _teacher(self):
     """The LCM the student starts from: method.init_workdir (an lcd / lcf run) or
