@@ -80,8 +80,7 @@ def test_lcm_lora_trains_and_keeps_only_the_adapters(tiny_latent_runs, tmp_path)
 
 
 def test_lcf_refuses_lora_adapters(tiny_latent_runs):
-  config = _config(digits32_lcf, tiny_latent_runs, teacher_workdir="", lora_rank=2,
-                   w_embedding=False)
-  config.model.time_cond_proj_dim = None
+  # The LCF config as it is plus lora_rank: the LCF error, not LCD's LoRA advice, comes first.
+  config = _config(digits32_lcf, tiny_latent_runs, teacher_workdir="", lora_rank=2)
   with pytest.raises(ValueError, match="lora_rank=0"):
     builders.build_parts(config)

@@ -373,10 +373,12 @@ class LatentConsistencyFinetuning(LatentConsistencyDistillation):
   name = "lcf"
 
   def __init__(self, net, config):
-    super().__init__(net, config)
-    if self.lora_rank:
+    # Before LCD's own checks: those would ask a LoRA student for w_embedding=False, a
+    # fix that leads here anyway.
+    if int(config.method.get("lora_rank", 0) or 0):
       raise ValueError("lcf fine-tunes a whole LCM; LoRA adapters are for distillation "
                        "(method lcd with lora_rank > 0): set method.lora_rank=0")
+    super().__init__(net, config)
 
   @functools.cached_property
   def _teacher(self):
